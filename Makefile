@@ -1,0 +1,44 @@
+# One command to run the service, one to test it. Setup is idempotent:
+# the LibTorch venv and the cargo build are cached between runs.
+
+VENV ?= .venv
+TORCH_VERSION := 2.11.0
+TORCHVISION_VERSION := 0.26.0
+SETUP_STAMP := $(VENV)/.pretext-setup-$(TORCH_VERSION)
+
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
+
+.PHONY: setup build run test lint check-postgres
+
+$(SETUP_STAMP):
+	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) safetensors
+	touch $@
+
+## setup: install LibTorch (torch $(TORCH_VERSION) from PyPI) into $(VENV)
+setup: $(SETUP_STAMP)
+
+## build: compile the release binary
+build: setup
+	cargo build --release --locked
+
+## check-postgres: say clearly when no Postgres answers
+check-postgres:
+	@scripts/check_postgres.sh "$(DATABASE_URL)"
+
+## run: set everything up and serve on http://127.0.0.1:8080
+run: build check-postgres
+	./target/release/pretext serve
+
+## lint: formatting and clippy
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+## test: set everything up, lint, and run the whole test suite
+test: setup check-postgres lint
+	cargo test --locked -- --test-threads=2

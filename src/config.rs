@@ -1,0 +1,92 @@
+//! Service configuration: one `clap` struct, every field settable by flag or
+//! environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Configuration of `pretext serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeConfig {
+    /// Postgres connection string; the database is created if it is missing.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/pretext"
+    )]
+    pub database_url: String,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "PRETEXT_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Folder holding datasets, checkpoints and model weights.
+    #[arg(long, env = "PRETEXT_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Training workers to run in this process: one per device by default;
+    /// 0 runs the API alone.
+    #[arg(long, env = "PRETEXT_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Devices for training: `auto` (every CUDA GPU, else the CPU), `cpu`,
+    /// or a comma-separated list such as `cuda:0,cuda:1`.
+    #[arg(long, env = "PRETEXT_DEVICES", default_value = "auto")]
+    pub devices: String,
+
+    /// Device for inference: `auto` (the first CUDA GPU, else the CPU), `cpu` or `cuda:N`.
+    #[arg(long, env = "PRETEXT_INFERENCE_DEVICE", default_value = "auto")]
+    pub inference_device: String,
+
+    /// Seconds a claimed job's lease lasts; a heartbeat renews it at a third of that.
+    #[arg(long, env = "PRETEXT_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+
+    /// Milliseconds between queue polls when no notification arrives.
+    #[arg(long, env = "PRETEXT_POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub poll_interval_ms: u64,
+
+    /// Largest accepted archive upload, in bytes.
+    #[arg(long, env = "PRETEXT_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    pub max_upload_bytes: u64,
+
+    /// Most entries an archive may hold.
+    #[arg(long, env = "PRETEXT_MAX_ARCHIVE_ENTRIES", default_value_t = 250_000)]
+    pub max_archive_entries: u64,
+
+    /// Most bytes an archive may expand to.
+    #[arg(long, env = "PRETEXT_MAX_UNCOMPRESSED_BYTES", default_value_t = 16 << 30)]
+    pub max_uncompressed_bytes: u64,
+
+    /// Most pixels (width × height) one image may claim before it is refused.
+    #[arg(long, env = "PRETEXT_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest body accepted by `/embed` and `/classify`, in bytes.
+    #[arg(long, env = "PRETEXT_MAX_INFERENCE_BYTES", default_value_t = 64 << 20)]
+    pub max_inference_bytes: usize,
+
+    /// Most images one `/embed` or `/classify` request may carry.
+    #[arg(long, env = "PRETEXT_MAX_INFERENCE_IMAGES", default_value_t = 256)]
+    pub max_inference_images: usize,
+
+    /// Loaded models kept in memory for inference (least recently used evicted).
+    #[arg(long, env = "PRETEXT_MODEL_CACHE_SIZE", default_value_t = 4)]
+    pub model_cache_size: usize,
+}
+
+impl ServeConfig {
+    /// A configuration with every default, for tests and embedding.
+    pub fn with_database(database_url: &str, data_dir: PathBuf) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: ServeConfig,
+        }
+        let mut config = Wrapper::parse_from(["pretext"]).config;
+        config.database_url = database_url.to_string();
+        config.data_dir = data_dir;
+        config.bind = "127.0.0.1:0".parse().expect("valid address");
+        config
+    }
+}

@@ -1,0 +1,127 @@
+//! The `datasets` table.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::data::archive::{IngestReport, SkippedEntry};
+
+/// A stored dataset.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Dataset {
+    pub id: Uuid,
+    pub name: String,
+    pub num_images: i32,
+    pub labeled: bool,
+    pub channels: i32,
+    pub classes: Json<Vec<String>>,
+    pub class_counts: Json<serde_json::Value>,
+    pub skipped: Json<Vec<SkippedEntryRow>>,
+    pub skipped_count: i32,
+    pub bytes: i64,
+    pub median_side: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A skipped archive entry as stored.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SkippedEntryRow {
+    pub path: String,
+    pub reason: String,
+}
+
+impl From<&SkippedEntry> for SkippedEntryRow {
+    fn from(s: &SkippedEntry) -> Self {
+        Self {
+            path: s.path.clone(),
+            reason: s.reason.clone(),
+        }
+    }
+}
+
+/// Records an ingested dataset.
+pub async fn insert_dataset(
+    pool: &PgPool,
+    id: Uuid,
+    name: &str,
+    report: &IngestReport,
+) -> sqlx::Result<Dataset> {
+    let skipped: Vec<SkippedEntryRow> = report.skipped.iter().map(Into::into).collect();
+    sqlx::query_as::<_, Dataset>(
+        "insert into datasets (id, name, num_images, labeled, channels, classes, class_counts,
+                               skipped, skipped_count, bytes, median_side)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         returning *",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(report.num_images as i32)
+    .bind(report.labeled)
+    .bind(i32::from(report.channels))
+    .bind(Json(&report.classes))
+    .bind(Json(&report.class_counts))
+    .bind(Json(&skipped))
+    .bind(report.skipped_count as i32)
+    .bind(report.bytes as i64)
+    .bind(report.median_side as i32)
+    .fetch_one(pool)
+    .await
+}
+
+/// One dataset by id.
+pub async fn get_dataset(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Dataset>> {
+    sqlx::query_as::<_, Dataset>("select * from datasets where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Datasets, newest first.
+pub async fn list_datasets(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Dataset>> {
+    sqlx::query_as::<_, Dataset>(
+        "select * from datasets order by created_at desc, id desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// What happened to a delete request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// A queued or running job uses it.
+    InUse,
+}
+
+/// Deletes a dataset unless a queued or running job uses it; one statement,
+/// so no job can be claimed on it in between.
+pub async fn delete_dataset(pool: &PgPool, id: Uuid) -> sqlx::Result<DeleteOutcome> {
+    let mut tx = pool.begin().await?;
+    let exists: Option<(Uuid,)> =
+        sqlx::query_as("select id from datasets where id = $1 for update")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(DeleteOutcome::NotFound);
+    }
+    let busy: Option<(Uuid,)> = sqlx::query_as(
+        "select id from jobs where dataset_id = $1 and state in ('queued', 'running') limit 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if busy.is_some() {
+        return Ok(DeleteOutcome::InUse);
+    }
+    sqlx::query("delete from datasets where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(DeleteOutcome::Deleted)
+}

@@ -1,0 +1,193 @@
+//! The `jobs` and `job_metrics` tables, as the API sees them: creating,
+//! reading, listing and cancelling jobs. The worker's side of the queue
+//! (claims, leases, fenced writes) lives in `jobs::queue`.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The channel workers LISTEN on for new jobs.
+pub const JOBS_CHANNEL: &str = "pretext_jobs";
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub state: String,
+    pub dataset_id: Option<Uuid>,
+    pub base_model_id: Option<Uuid>,
+    pub config: Json<serde_json::Value>,
+    pub progress: Json<Progress>,
+    pub latest_metrics: Json<serde_json::Value>,
+    pub model_id: Option<Uuid>,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    pub device: Option<String>,
+    #[serde(skip)]
+    pub lease_owner: Option<Uuid>,
+    #[serde(skip)]
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// How far a job has come.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub epoch: i64,
+    pub epochs: i64,
+    pub step: i64,
+    pub steps: i64,
+    /// The step of the last checkpoint written; a retried job resumes there.
+    pub checkpoint_step: i64,
+}
+
+/// A new job.
+pub struct NewJob<'a> {
+    pub kind: &'a str,
+    pub dataset_id: Uuid,
+    pub base_model_id: Option<Uuid>,
+    pub config: serde_json::Value,
+    pub epochs: i64,
+    pub max_attempts: i32,
+}
+
+/// Why a job could not be created.
+#[derive(Debug)]
+pub enum CreateJobError {
+    DatasetNotFound,
+    BaseModelNotFound,
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CreateJobError {
+    fn from(e: sqlx::Error) -> Self {
+        CreateJobError::Database(e)
+    }
+}
+
+/// Queues a job and wakes the workers. The dataset and base model rows are
+/// share-locked so that a concurrent delete waits for (or precedes) this insert.
+pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJobError> {
+    let mut tx = pool.begin().await?;
+    let dataset: Option<(Uuid,)> =
+        sqlx::query_as("select id from datasets where id = $1 for share")
+            .bind(job.dataset_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if dataset.is_none() {
+        return Err(CreateJobError::DatasetNotFound);
+    }
+    if let Some(base) = job.base_model_id {
+        let model: Option<(Uuid,)> =
+            sqlx::query_as("select id from models where id = $1 for share")
+                .bind(base)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if model.is_none() {
+            return Err(CreateJobError::BaseModelNotFound);
+        }
+    }
+    let progress = Progress {
+        epochs: job.epochs,
+        ..Default::default()
+    };
+    let row = sqlx::query_as::<_, Job>(
+        "insert into jobs (id, kind, dataset_id, base_model_id, config, progress, max_attempts)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         returning *",
+    )
+    .bind(Uuid::now_v7())
+    .bind(job.kind)
+    .bind(job.dataset_id)
+    .bind(job.base_model_id)
+    .bind(Json(&job.config))
+    .bind(Json(progress))
+    .bind(job.max_attempts)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(JOBS_CHANNEL)
+        .bind(row.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// One job by id.
+pub async fn get_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as::<_, Job>("select * from jobs where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Jobs, newest first, optionally filtered.
+pub async fn list_jobs(
+    pool: &PgPool,
+    state: Option<&str>,
+    kind: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    sqlx::query_as::<_, Job>(
+        "select * from jobs
+         where ($1::text is null or state = $1) and ($2::text is null or kind = $2)
+         order by created_at desc, id desc limit $3",
+    )
+    .bind(state)
+    .bind(kind)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Cancels a queued job at once, or flags a running one for its worker.
+/// Returns the job as it now stands; a finished job is returned unchanged.
+pub async fn cancel_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as::<_, Job>(
+        "update jobs set
+             state = case when state = 'queued' then 'cancelled' else state end,
+             finished_at = case when state = 'queued' then now() else finished_at end,
+             lease_owner = case when state = 'queued' then null else lease_owner end,
+             cancel_requested = cancel_requested or state in ('queued', 'running')
+         where id = $1
+         returning *",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A metric value recorded during training.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct MetricPoint {
+    pub step: i64,
+    pub epoch: i32,
+    pub name: String,
+    pub value: f64,
+    pub at: DateTime<Utc>,
+}
+
+/// A job's metric points in step order, optionally of one name.
+pub async fn list_metrics(
+    pool: &PgPool,
+    job_id: Uuid,
+    name: Option<&str>,
+) -> sqlx::Result<Vec<MetricPoint>> {
+    sqlx::query_as::<_, MetricPoint>(
+        "select step, epoch, name, value, at from job_metrics
+         where job_id = $1 and ($2::text is null or name = $2)
+         order by step, id",
+    )
+    .bind(job_id)
+    .bind(name)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,238 @@
+//! `/v1/jobs`: submitting pretrain and finetune jobs (config validated and
+//! completed with defaults up front), reading, listing, cancelling, metrics.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::datasets::list_limit;
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::AppState;
+use crate::db::datasets::get_dataset;
+use crate::db::jobs::{
+    cancel_job, get_job, insert_job, list_jobs, list_metrics, CreateJobError, Job, NewJob,
+};
+use crate::db::models::get_model;
+use crate::jobs::config::{
+    config_parse_error, DefaultsFrom, FinetuneConfigRequest, PretrainConfigRequest,
+};
+use crate::ml::backbone::Backbone;
+
+/// Body of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub kind: String,
+    pub dataset_id: Uuid,
+    pub base_model_id: Option<Uuid>,
+    pub config: Option<serde_json::Value>,
+    pub max_attempts: Option<i64>,
+}
+
+const KINDS: [&str; 2] = ["pretrain", "finetune"];
+const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+
+fn parse_config<T: serde::de::DeserializeOwned + Default>(
+    config: Option<serde_json::Value>,
+) -> Result<T, ApiError> {
+    match config {
+        None | Some(serde_json::Value::Null) => Ok(T::default()),
+        Some(value @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|e| ApiError::fields(config_parse_error(e)))
+        }
+        Some(_) => Err(ApiError::field("config", "must be a JSON object")),
+    }
+}
+
+/// `POST /v1/jobs`
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<JobRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    if !KINDS.contains(&request.kind.as_str()) {
+        return Err(ApiError::field(
+            "kind",
+            format!("unknown kind `{}`; use pretrain or finetune", request.kind),
+        ));
+    }
+    let max_attempts = match request.max_attempts.unwrap_or(3) {
+        n @ 1..=10 => n as i32,
+        other => {
+            return Err(ApiError::field(
+                "max_attempts",
+                format!("must be between 1 and 10 (got {other})"),
+            ))
+        }
+    };
+    let dataset = get_dataset(&state.pool, request.dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {}", request.dataset_id)))?;
+    let base =
+        match request.base_model_id {
+            Some(id) => Some(get_model(&state.pool, id).await?.ok_or_else(|| {
+                ApiError::NotFound(format!("no model with id {id} (base_model_id)"))
+            })?),
+            None => None,
+        };
+    let (config, epochs) = if request.kind == "pretrain" {
+        if base.is_some() {
+            return Err(ApiError::field(
+                "base_model_id",
+                "pretraining starts from scratch; omit base_model_id (it is for finetune jobs)",
+            ));
+        }
+        let from = DefaultsFrom {
+            median_side: dataset.median_side as u32,
+            base: None,
+        };
+        let config = parse_config::<PretrainConfigRequest>(request.config)?
+            .resolve(from)
+            .map_err(ApiError::fields)?;
+        let epochs = config.epochs;
+        (
+            serde_json::to_value(config).map_err(anyhow::Error::from)?,
+            epochs,
+        )
+    } else {
+        if !dataset.labeled {
+            return Err(ApiError::field(
+                "dataset_id",
+                "the dataset is unlabelled; fine-tuning needs an archive with one folder per class",
+            ));
+        }
+        let base_spec = match &base {
+            Some(model) => {
+                let backbone = Backbone::from_name(&model.backbone).ok_or_else(|| {
+                    anyhow::anyhow!("model {} has unknown backbone {}", model.id, model.backbone)
+                })?;
+                Some((backbone, model.input.0.image_size))
+            }
+            None => None,
+        };
+        let from = DefaultsFrom {
+            median_side: dataset.median_side as u32,
+            base: base_spec,
+        };
+        let config = parse_config::<FinetuneConfigRequest>(request.config)?
+            .resolve(from)
+            .map_err(ApiError::fields)?;
+        let epochs = config.epochs;
+        (
+            serde_json::to_value(config).map_err(anyhow::Error::from)?,
+            epochs,
+        )
+    };
+    let job = insert_job(
+        &state.pool,
+        NewJob {
+            kind: &request.kind,
+            dataset_id: dataset.id,
+            base_model_id: request.base_model_id,
+            config,
+            epochs,
+            max_attempts,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        CreateJobError::DatasetNotFound => {
+            ApiError::NotFound(format!("no dataset with id {}", request.dataset_id))
+        }
+        CreateJobError::BaseModelNotFound => {
+            ApiError::NotFound("the base model was deleted".to_string())
+        }
+        CreateJobError::Database(e) => e.into(),
+    })?;
+    tracing::info!(job_id = %job.id, kind = %job.kind, "job queued");
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Query of `GET /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobListParams {
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/jobs`
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<JobListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some(s) = params.state.as_deref().filter(|s| !STATES.contains(s)) {
+        return Err(ApiError::field(
+            "state",
+            format!("unknown state `{s}`; use one of {}", STATES.join(", ")),
+        ));
+    }
+    if let Some(k) = params.kind.as_deref().filter(|k| !KINDS.contains(k)) {
+        return Err(ApiError::field(
+            "kind",
+            format!("unknown kind `{k}`; use pretrain or finetune"),
+        ));
+    }
+    let jobs = list_jobs(
+        &state.pool,
+        params.state.as_deref(),
+        params.kind.as_deref(),
+        list_limit(params.limit)?,
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "jobs": jobs })))
+}
+
+/// `GET /v1/jobs/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Job>, ApiError> {
+    get_job(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+}
+
+/// `POST /v1/jobs/{id}/cancel`
+pub async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Job>, ApiError> {
+    let job = get_job(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
+    if !matches!(job.state.as_str(), "queued" | "running") {
+        return Err(ApiError::Conflict(format!(
+            "job {id} has already ended ({}); nothing to cancel",
+            job.state
+        )));
+    }
+    cancel_job(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+}
+
+/// Query of `GET /v1/jobs/{id}/metrics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricParams {
+    pub name: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/metrics`
+pub async fn metrics(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(params): ApiQuery<MetricParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if get_job(&state.pool, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no job with id {id}")));
+    }
+    let points = list_metrics(&state.pool, id, params.name.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "points": points })))
+}

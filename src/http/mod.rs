@@ -1,0 +1,76 @@
+//! The HTTP layer: the router, shared state, extractors and the problem+json
+//! error type. Handlers validate, call `db`, `data` and `ml`, and shape JSON.
+
+pub mod datasets;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod jobs;
+pub mod models;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::ServeConfig;
+use crate::ml::inference::InferenceExecutor;
+use crate::storage::Storage;
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub storage: Storage,
+    pub config: Arc<ServeConfig>,
+    pub inference: InferenceExecutor,
+    /// Training workers running in this process.
+    pub workers: usize,
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route; see /openapi.yaml".to_string())
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let inference_limit = DefaultBodyLimit::max(state.config.max_inference_bytes);
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.yaml", get(health::openapi))
+        .route(
+            "/v1/datasets",
+            get(datasets::list)
+                .post(datasets::upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get).delete(datasets::delete),
+        )
+        .route("/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get).delete(models::delete))
+        .route("/v1/models/{id}/weights", get(models::weights))
+        .route(
+            "/v1/models/{id}/embed",
+            post(models::embed).layer(inference_limit),
+        )
+        .route(
+            "/v1/models/{id}/classify",
+            post(models::classify).layer(inference_limit),
+        )
+        .fallback(not_found)
+        .layer(CatchPanicLayer::new())
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

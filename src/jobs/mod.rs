@@ -1,0 +1,7 @@
+//! Jobs: their configurations, the Postgres queue (claims with `for update
+//! skip locked`, leases renewed by heartbeat, writes fenced on the claim), and
+//! the worker pool that hands claimed jobs to training threads.
+
+pub mod config;
+pub mod queue;
+pub mod worker;

@@ -1,0 +1,254 @@
+//! The worker's side of the Postgres job queue.
+//!
+//! A claim moves one queued job to `running` and stamps it with the worker's
+//! lease in a single statement. Every later write about that job is fenced on
+//! `lease_owner`: a worker whose lease expired and was taken over changes
+//! nothing. Expired leases return jobs to the queue (or fail them once
+//! `max_attempts` is spent).
+
+use std::time::Duration;
+
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db::jobs::{Job, Progress};
+use crate::db::models::{insert_model, ModelOrigin};
+use crate::ml::training::ModelArtifact;
+
+/// Claims the oldest queued job for `owner`, or returns `None`.
+pub async fn claim_next_job(
+    pool: &PgPool,
+    owner: Uuid,
+    device: &str,
+    lease: Duration,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as::<_, Job>(
+        "update jobs set
+             state = 'running',
+             attempts = attempts + 1,
+             lease_owner = $1,
+             lease_expires_at = now() + make_interval(secs => $2),
+             device = $3,
+             started_at = coalesce(started_at, now()),
+             error = null
+         from (
+             select id from jobs
+             where state = 'queued'
+             order by created_at, id
+             for update skip locked
+             limit 1
+         ) next
+         where jobs.id = next.id
+         returning jobs.*",
+    )
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .bind(device)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Returns jobs whose lease ran out to the queue, or fails them when their
+/// attempts are spent. Returns how many jobs were touched.
+pub async fn requeue_expired_leases(pool: &PgPool) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "update jobs set
+             state = case
+                 when cancel_requested then 'cancelled'
+                 when attempts >= max_attempts then 'failed'
+                 else 'queued' end,
+             error = case
+                 when cancel_requested then null
+                 when attempts >= max_attempts then
+                     'the worker running this job stopped responding ' || attempts || ' time(s); max_attempts reached'
+                 else error end,
+             finished_at = case
+                 when cancel_requested or attempts >= max_attempts then now()
+                 else null end,
+             lease_owner = null,
+             lease_expires_at = null
+         where state = 'running' and lease_expires_at < now()",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    Held { cancel_requested: bool },
+    Lost,
+}
+
+/// Extends the lease of a job this worker holds.
+pub async fn renew_lease(
+    pool: &PgPool,
+    job_id: Uuid,
+    owner: Uuid,
+    lease: Duration,
+) -> sqlx::Result<LeaseStatus> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "update jobs set lease_expires_at = now() + make_interval(secs => $3)
+         where id = $1 and lease_owner = $2 and state = 'running'
+         returning cancel_requested",
+    )
+    .bind(job_id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        Some((cancel_requested,)) => LeaseStatus::Held { cancel_requested },
+        None => LeaseStatus::Lost,
+    })
+}
+
+/// Records progress and metric values; `false` if the lease is no longer held.
+pub async fn record_progress(
+    pool: &PgPool,
+    job_id: Uuid,
+    owner: Uuid,
+    progress: Progress,
+    epoch: i64,
+    step: i64,
+    metrics: &[(String, f64)],
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let latest: serde_json::Map<String, serde_json::Value> = metrics
+        .iter()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+        .collect();
+    let updated = sqlx::query(
+        "update jobs set progress = $3, latest_metrics = latest_metrics || $4
+         where id = $1 and lease_owner = $2 and state = 'running'",
+    )
+    .bind(job_id)
+    .bind(owner)
+    .bind(Json(progress))
+    .bind(Json(latest))
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    for (name, value) in metrics.iter().filter(|(_, v)| v.is_finite()) {
+        sqlx::query("insert into job_metrics (job_id, step, epoch, name, value) values ($1, $2, $3, $4, $5)")
+            .bind(job_id)
+            .bind(step)
+            .bind(epoch as i32)
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Marks the job succeeded and records its model, in one transaction fenced
+/// on the lease. `false` (and nothing written) if the lease was lost.
+pub async fn finish_succeeded(
+    pool: &PgPool,
+    job: &Job,
+    owner: Uuid,
+    model_id: Uuid,
+    base_pretext: Option<String>,
+    artifact: &ModelArtifact,
+    progress: Progress,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let held: Option<(Uuid,)> = sqlx::query_as(
+        "select id from jobs where id = $1 and lease_owner = $2 and state = 'running' for update",
+    )
+    .bind(job.id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if held.is_none() {
+        return Ok(false);
+    }
+    let origin = ModelOrigin {
+        id: model_id,
+        job_id: job.id,
+        base_model_id: job.base_model_id,
+        dataset_id: job.dataset_id,
+        pretext: base_pretext,
+    };
+    insert_model(&mut tx, &origin, artifact).await?;
+    sqlx::query(
+        "update jobs set state = 'succeeded', model_id = $2, progress = $3, finished_at = now(),
+             lease_owner = null, lease_expires_at = null, error = null,
+             latest_metrics = latest_metrics || $4
+         where id = $1",
+    )
+    .bind(job.id)
+    .bind(model_id)
+    .bind(Json(progress))
+    .bind(Json(&artifact.metrics))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How a job ended other than with success.
+#[derive(Debug)]
+pub enum JobEnd {
+    Cancelled,
+    /// Permanently failed (bad data, bad config): no retry.
+    Failed(String),
+    /// Failed for a cause that may pass: retried while attempts remain.
+    Retryable(String),
+    /// Given back (shutdown): queued again, this attempt not counted.
+    Released,
+}
+
+/// Ends (or re-queues) a job this worker holds; fenced on the lease.
+pub async fn finish_job(
+    pool: &PgPool,
+    job_id: Uuid,
+    owner: Uuid,
+    end: &JobEnd,
+) -> sqlx::Result<bool> {
+    let (state_sql, error, attempts_delta) = match end {
+        JobEnd::Cancelled => ("'cancelled'", None, 0),
+        JobEnd::Failed(e) => ("'failed'", Some(e.clone()), 0),
+        JobEnd::Retryable(e) => (
+            "case when attempts >= max_attempts then 'failed' else 'queued' end",
+            Some(e.clone()),
+            0,
+        ),
+        JobEnd::Released => ("'queued'", None, 1),
+    };
+    let sql = format!(
+        "update jobs set
+             state = {state_sql},
+             error = $3,
+             attempts = attempts - $4,
+             finished_at = case when {state_sql} in ('queued') then null else now() end,
+             lease_owner = null,
+             lease_expires_at = null
+         where id = $1 and lease_owner = $2 and state = 'running'
+         returning state"
+    );
+    let row: Option<(String,)> = sqlx::query_as(&sql)
+        .bind(job_id)
+        .bind(owner)
+        .bind(error)
+        .bind(attempts_delta)
+        .fetch_optional(pool)
+        .await?;
+    if let Some((state,)) = &row {
+        if state == "queued" {
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(crate::db::jobs::JOBS_CHANNEL)
+                .bind(job_id.to_string())
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(row.is_some())
+}

@@ -1,0 +1,410 @@
+//! The worker pool: one worker per device. Each worker is an async task that
+//! talks to the queue (claims, heartbeats, progress, fenced finishes) and a
+//! dedicated OS thread that owns the device's LibTorch state and runs the
+//! training loops; they talk through channels, so tokio's threads never block
+//! on LibTorch.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tch::Device;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::config::{FinetuneConfig, PretrainConfig};
+use super::queue::{
+    claim_next_job, finish_job, finish_succeeded, record_progress, renew_lease,
+    requeue_expired_leases, JobEnd, LeaseStatus,
+};
+use crate::db::datasets::{get_dataset, Dataset};
+use crate::db::jobs::{Job, Progress, JOBS_CHANNEL};
+use crate::db::models::{get_model, Model};
+use crate::ml::device::device_name;
+use crate::ml::finetune::{run_finetune, BaseEncoder};
+use crate::ml::pretrain::run_pretrain;
+use crate::ml::training::{
+    is_permanent, StopReason, StopSignal, TrainingContext, TrainingEvent, TrainingOutcome,
+};
+use crate::storage::Storage;
+
+/// Settings shared by every worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub max_image_pixels: u64,
+}
+
+/// A job handed to a training thread.
+struct Assignment {
+    job: Job,
+    dataset: Dataset,
+    base: Option<Model>,
+    ctx: TrainingContext,
+    dataset_dir: std::path::PathBuf,
+    base_weights: Option<std::path::PathBuf>,
+    reply: oneshot::Sender<anyhow::Result<TrainingOutcome>>,
+}
+
+/// One device's worker: the queue side, and a channel to its training thread.
+pub struct Worker {
+    id: Uuid,
+    device: Device,
+    pool: PgPool,
+    storage: Storage,
+    settings: WorkerSettings,
+    trainer: std_mpsc::Sender<Assignment>,
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Runs one assignment on the training thread.
+fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
+    let ctx = &assignment.ctx;
+    let channels = assignment.dataset.channels as u8;
+    match assignment.job.kind.as_str() {
+        "pretrain" => {
+            let config: PretrainConfig = serde_json::from_value(assignment.job.config.0.clone())
+                .context("the stored pretrain config is unreadable")?;
+            run_pretrain(ctx, &config, &assignment.dataset_dir, channels)
+        }
+        "finetune" => {
+            let config: FinetuneConfig = serde_json::from_value(assignment.job.config.0.clone())
+                .context("the stored finetune config is unreadable")?;
+            let base = match (&assignment.base, &assignment.base_weights) {
+                (Some(model), Some(weights)) => Some(BaseEncoder {
+                    weights,
+                    input: model.input.0.clone(),
+                }),
+                _ => None,
+            };
+            run_finetune(ctx, &config, &assignment.dataset_dir, channels, base)
+        }
+        other => anyhow::bail!("unknown job kind `{other}`"),
+    }
+}
+
+fn spawn_training_thread(device: Device) -> std::io::Result<std_mpsc::Sender<Assignment>> {
+    let (tx, rx) = std_mpsc::channel::<Assignment>();
+    std::thread::Builder::new()
+        .name(format!("pretext-train-{}", device_name(device)))
+        .spawn(move || {
+            while let Ok(assignment) = rx.recv() {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| train(&assignment)))
+                    .unwrap_or_else(|payload| {
+                        Err(anyhow::anyhow!(
+                            "training panicked: {}",
+                            panic_message(payload)
+                        ))
+                    });
+                let _ = assignment.reply.send(result);
+            }
+        })?;
+    Ok(tx)
+}
+
+/// Explains an error for the job's `error` field, with a hint where one helps.
+fn describe_failure(error: &anyhow::Error, job: &Job) -> JobEnd {
+    let message = format!("{error:#}");
+    if message.contains("out of memory") {
+        let batch = job
+            .config
+            .0
+            .get("batch_size")
+            .and_then(|b| b.as_i64())
+            .unwrap_or(0);
+        return JobEnd::Failed(format!(
+            "out of memory at batch_size {batch}; lower config.batch_size or config.image_size ({message})"
+        ));
+    }
+    if is_permanent(error) {
+        JobEnd::Failed(message)
+    } else {
+        JobEnd::Retryable(message)
+    }
+}
+
+impl Worker {
+    /// Starts the training thread for `device`.
+    pub fn new(
+        pool: PgPool,
+        storage: Storage,
+        device: Device,
+        settings: WorkerSettings,
+    ) -> anyhow::Result<Self> {
+        let trainer = spawn_training_thread(device).context("Failed to start a training thread")?;
+        Ok(Self {
+            id: Uuid::now_v7(),
+            device,
+            pool,
+            storage,
+            settings,
+            trainer,
+        })
+    }
+
+    /// Claims one job and runs it to its end; `Ok(None)` when the queue is empty.
+    /// Public so tests can drain the queue deterministically.
+    pub async fn try_execute_next_job(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Uuid>> {
+        requeue_expired_leases(&self.pool)
+            .await
+            .context("Failed to requeue expired leases")?;
+        let Some(job) = claim_next_job(
+            &self.pool,
+            self.id,
+            &device_name(self.device),
+            self.settings.lease,
+        )
+        .await
+        .context("Failed to claim a job")?
+        else {
+            return Ok(None);
+        };
+        let job_id = job.id;
+        tracing::info!(%job_id, kind = %job.kind, attempt = job.attempts, device = %device_name(self.device), "job claimed");
+        if let Err(error) = self.execute(job, shutdown).await {
+            tracing::error!(%job_id, error = format!("{error:#}"), "job bookkeeping failed");
+        }
+        Ok(Some(job_id))
+    }
+
+    async fn execute(&self, job: Job, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let dataset = match job.dataset_id {
+            Some(id) => get_dataset(&self.pool, id).await?,
+            None => None,
+        };
+        let Some(dataset) = dataset else {
+            let end = JobEnd::Failed("the job's dataset was deleted".to_string());
+            finish_job(&self.pool, job.id, self.id, &end).await?;
+            return Ok(());
+        };
+        let base = match job.base_model_id {
+            Some(id) => match get_model(&self.pool, id).await? {
+                Some(model) => Some(model),
+                None => {
+                    let end = JobEnd::Failed("the job's base model was deleted".to_string());
+                    finish_job(&self.pool, job.id, self.id, &end).await?;
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        let model_id = Uuid::now_v7();
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let stop = StopSignal::default();
+        let (reply, mut outcome) = oneshot::channel();
+        let assignment = Assignment {
+            ctx: TrainingContext {
+                job_id: job.id,
+                device: self.device,
+                job_dir: self.storage.job_dir(job.id),
+                model_weights: self.storage.model_weights(model_id),
+                stop: stop.clone(),
+                events: events_tx,
+                max_image_pixels: self.settings.max_image_pixels,
+            },
+            dataset_dir: self.storage.dataset_dir(dataset.id),
+            base_weights: base.as_ref().map(|b| self.storage.model_weights(b.id)),
+            base: base.clone(),
+            dataset,
+            job: job.clone(),
+            reply,
+        };
+        self.trainer
+            .send(assignment)
+            .map_err(|_| anyhow::anyhow!("the training thread has stopped"))?;
+
+        let mut progress = job.progress.0;
+        let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
+        heartbeat.tick().await;
+        let mut lease_lost = false;
+        let mut shutdown_seen = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
+                Some(event) = events.recv() => {
+                    if !self.record_event(&job, &mut progress, event).await? {
+                        lease_lost = true;
+                        stop.request(StopReason::Release);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
+                        Ok(LeaseStatus::Held { cancel_requested: true }) => stop.request(StopReason::Cancel),
+                        Ok(LeaseStatus::Held { cancel_requested: false }) => {}
+                        Ok(LeaseStatus::Lost) => {
+                            tracing::warn!(job_id = %job.id, "lease lost; stopping");
+                            lease_lost = true;
+                            stop.request(StopReason::Release);
+                        }
+                        Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
+                    }
+                }
+                _ = shutdown.cancelled(), if !shutdown_seen => {
+                    shutdown_seen = true;
+                    stop.request(StopReason::Release);
+                }
+            }
+        };
+        while let Ok(event) = events.try_recv() {
+            if !self.record_event(&job, &mut progress, event).await? {
+                lease_lost = true;
+            }
+        }
+        if lease_lost {
+            let _ = std::fs::remove_dir_all(self.storage.model_dir(model_id));
+            return Ok(());
+        }
+        match result {
+            Ok(TrainingOutcome::Finished(artifact)) => {
+                progress.step = progress.steps;
+                progress.epoch = progress.epochs;
+                let base_pretext = base.and_then(|b| b.pretext);
+                let written = finish_succeeded(
+                    &self.pool,
+                    &job,
+                    self.id,
+                    model_id,
+                    base_pretext,
+                    &artifact,
+                    progress,
+                )
+                .await;
+                match written {
+                    Ok(true) => {
+                        tracing::info!(job_id = %job.id, %model_id, "job succeeded");
+                        self.storage.remove_dir(&self.storage.job_dir(job.id))?;
+                    }
+                    other => {
+                        self.storage.remove_dir(&self.storage.model_dir(model_id))?;
+                        other?;
+                    }
+                }
+            }
+            Ok(TrainingOutcome::Stopped(StopReason::Cancel)) => {
+                finish_job(&self.pool, job.id, self.id, &JobEnd::Cancelled).await?;
+                self.storage.remove_dir(&self.storage.job_dir(job.id))?;
+                tracing::info!(job_id = %job.id, "job cancelled");
+            }
+            Ok(TrainingOutcome::Stopped(StopReason::Release)) => {
+                finish_job(&self.pool, job.id, self.id, &JobEnd::Released).await?;
+                tracing::info!(job_id = %job.id, "job released back to the queue");
+            }
+            Err(error) => {
+                let end = describe_failure(&error, &job);
+                tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "job failed");
+                finish_job(&self.pool, job.id, self.id, &end).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a training event to the database; `false` if the lease is gone.
+    async fn record_event(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        event: TrainingEvent,
+    ) -> sqlx::Result<bool> {
+        let (epoch, step, metrics) = match event {
+            TrainingEvent::Plan {
+                epochs,
+                steps,
+                start_step,
+            } => {
+                progress.epochs = epochs;
+                progress.steps = steps;
+                progress.step = start_step;
+                progress.checkpoint_step = start_step;
+                (progress.epoch, start_step, Vec::new())
+            }
+            TrainingEvent::Report {
+                epoch,
+                step,
+                metrics,
+            } => {
+                progress.epoch = epoch;
+                progress.step = step;
+                (epoch, step, metrics)
+            }
+            TrainingEvent::Checkpoint { step } => {
+                progress.checkpoint_step = step;
+                (progress.epoch, progress.step, Vec::new())
+            }
+        };
+        record_progress(
+            &self.pool, job.id, self.id, *progress, epoch, step, &metrics,
+        )
+        .await
+    }
+
+    /// Claims and runs jobs until `shutdown`, waking on notifications and
+    /// polling as a fallback.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(JOBS_CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, "LISTEN failed; polling only");
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "no notification connection; polling only");
+                None
+            }
+        };
+        while !shutdown.is_cancelled() {
+            match self.try_execute_next_job(&shutdown).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "queue unavailable"),
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = l.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Starts `count` workers over `devices` (round-robin) and returns their tasks.
+pub fn spawn_workers(
+    pool: &PgPool,
+    storage: &Storage,
+    devices: &[Device],
+    count: usize,
+    settings: &WorkerSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let device = devices[i % devices.len()];
+        let worker = Worker::new(pool.clone(), storage.clone(), device, settings.clone())?;
+        tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+    }
+    Ok(tasks)
+}

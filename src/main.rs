@@ -1,0 +1,72 @@
+//! The `pretext` binary: parses the command line and runs the service until
+//! Ctrl-C or SIGTERM.
+
+use clap::{Parser, Subcommand};
+use pretext::app::Application;
+use pretext::config::ServeConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Self-supervised pretraining and transfer as an HTTP service.
+#[derive(Parser)]
+#[command(name = "pretext", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API and the training workers (the default).
+    Serve(ServeConfig),
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down: finishing requests, checkpointing running jobs");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn,sqlx=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        Some(Command::Serve(config)) => config,
+        None => cli.serve,
+    };
+    let result = async {
+        let app = Application::build(config).await?;
+        println!("pretext listening on http://{}", app.local_addr());
+        tokio::spawn(wait_for_signal(app.shutdown_token()));
+        app.run_until_stopped().await
+    }
+    .await;
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,302 @@
+//! The fine-tuning loop: a classifier (trunk + linear `fc` head) trained on a
+//! stratified, possibly few-label subset of a labelled dataset, starting from
+//! a pretrained encoder's trunk or from scratch (the baseline).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Tensor};
+
+use super::backbone::features;
+use super::checkpoint::{load_vars, save_model_weights, CheckpointState, JobCheckpoint};
+use super::pretrain::epoch_order;
+use super::training::{
+    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
+    TrainingContext, TrainingEvent, TrainingOutcome,
+};
+use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
+use crate::data::split::{apply_budget, stratified_split, LabelBudget};
+use crate::jobs::config::{FinetuneConfig, FinetuneMode};
+
+/// Optimizer steps between two metric reports.
+const REPORT_EVERY: i64 = 10;
+/// Pixels of padding for the random-crop augmentation.
+const CROP_PADDING: i64 = 4;
+/// Images per forward pass when evaluating.
+const EVAL_BATCH: usize = 256;
+
+/// The pretrained encoder a fine-tuning job starts from.
+pub struct BaseEncoder<'a> {
+    pub weights: &'a Path,
+    pub input: InputSpec,
+}
+
+/// Random crop (after padding) and horizontal flip, per image.
+fn augment(batch: &Tensor, rng: &mut impl Rng) -> Tensor {
+    let size = batch.size();
+    let side = size[2];
+    let padded = batch.constant_pad_nd([CROP_PADDING, CROP_PADDING, CROP_PADDING, CROP_PADDING]);
+    let images: Vec<Tensor> = (0..size[0])
+        .map(|b| {
+            let y = rng.gen_range(0..=2 * CROP_PADDING);
+            let x = rng.gen_range(0..=2 * CROP_PADDING);
+            let crop = padded.get(b).narrow(1, y, side).narrow(2, x, side);
+            if rng.gen_bool(0.5) {
+                crop.flip([2])
+            } else {
+                crop
+            }
+        })
+        .collect();
+    Tensor::stack(&images, 0)
+}
+
+/// Mean loss and accuracy of the classifier on `indices`.
+fn evaluate(
+    classify: &dyn Fn(&Tensor) -> Tensor,
+    data: &ImageTensorSet,
+    indices: &[i64],
+    input: &InputSpec,
+    device: Device,
+) -> (f64, f64) {
+    tch::no_grad(|| {
+        let (mut loss_sum, mut correct) = (0.0, 0.0);
+        for chunk in indices.chunks(EVAL_BATCH) {
+            let idx = Tensor::from_slice(chunk);
+            let images = normalise(
+                &data.images.index_select(0, &idx),
+                &input.mean,
+                &input.std,
+                device,
+            );
+            let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
+            let labels = Tensor::from_slice(&labels).to_device(device);
+            let logits = classify(&images);
+            let n = chunk.len() as f64;
+            loss_sum +=
+                f64::try_from(logits.cross_entropy_for_logits(&labels)).unwrap_or(f64::NAN) * n;
+            correct += f64::try_from(logits.accuracy_for_logits(&labels)).unwrap_or(0.0) * n;
+        }
+        let n = indices.len().max(1) as f64;
+        (loss_sum / n, correct / n)
+    })
+}
+
+/// Runs (or resumes) a fine-tuning job on the labelled dataset in `dataset_dir`.
+pub fn run_finetune(
+    ctx: &TrainingContext,
+    config: &FinetuneConfig,
+    dataset_dir: &Path,
+    dataset_channels: u8,
+    base: Option<BaseEncoder>,
+) -> anyhow::Result<TrainingOutcome> {
+    let channels = base.as_ref().map_or(dataset_channels, |b| b.input.channels);
+    let data = load_image_set(
+        dataset_dir,
+        config.image_size as u32,
+        channels,
+        ctx.max_image_pixels,
+    )
+    .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
+    let num_classes = data.classes.len();
+    if num_classes == 0 {
+        return Err(PermanentError(
+            "the dataset has no labels; fine-tuning needs one folder per class".into(),
+        )
+        .into());
+    }
+    let (pool, val) = stratified_split(
+        &data.labels,
+        num_classes,
+        config.val_fraction,
+        config.seed as u64,
+    );
+    let budget = match (config.label_fraction, config.labels_per_class) {
+        (Some(f), _) => LabelBudget::Fraction(f),
+        (_, Some(k)) => LabelBudget::PerClass(k as usize),
+        _ => LabelBudget::All,
+    };
+    let train = apply_budget(&pool, &data.labels, num_classes, budget, config.seed as u64);
+    if train.is_empty() {
+        return Err(PermanentError("no labelled image is left for training after the validation split; lower config.val_fraction".into()).into());
+    }
+    let input = match &base {
+        Some(b) => InputSpec {
+            image_size: config.image_size as u32,
+            ..b.input.clone()
+        },
+        None => {
+            let (mean, std) = data.channel_stats();
+            InputSpec {
+                image_size: config.image_size as u32,
+                channels,
+                mean,
+                std,
+            }
+        }
+    };
+
+    let vs = nn::VarStore::new(ctx.device);
+    let root = vs.root();
+    let trunk = config.backbone.build(&root.set_group(0), channels as i64);
+    let fc = nn::linear(
+        root.set_group(1) / "fc",
+        config.backbone.feature_dim(),
+        num_classes as i64,
+        Default::default(),
+    );
+    let is_trunk = |name: &str| !name.starts_with("fc.");
+    if let Some(b) = &base {
+        load_vars(&vs, b.weights, is_trunk).context("Failed to load the base model's trunk")?;
+    }
+    let linear = config.mode == FinetuneMode::Linear;
+    if linear {
+        for (name, var) in vs.variables() {
+            if is_trunk(&name) {
+                let _ = var.set_requires_grad(false);
+            }
+        }
+    }
+    let mut optimizer = nn::AdamW {
+        wd: config.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, config.learning_rate)?;
+    let classify = |images: &Tensor, train: bool| -> Tensor {
+        let feats = if linear {
+            tch::no_grad(|| features(&trunk, images, false))
+        } else {
+            features(&trunk, images, train)
+        };
+        fc.forward(&feats)
+    };
+
+    let batch_size = (config.batch_size as usize).min(train.len()).max(1);
+    let steps_per_epoch = (train.len() / batch_size).max(1) as i64;
+    let mut total_steps = config.epochs * steps_per_epoch;
+    if let Some(max_steps) = config.max_steps {
+        total_steps = total_steps.min(max_steps);
+    }
+    let checkpoint = JobCheckpoint::in_dir(&ctx.job_dir);
+    let start_step = checkpoint.restore(&vs)?.map_or(0, |s| s.step);
+    ctx.emit(TrainingEvent::Plan {
+        epochs: config.epochs,
+        steps: total_steps,
+        start_step,
+    });
+
+    let train_i64: Vec<i64> = train.iter().map(|&i| i as i64).collect();
+    let val_i64: Vec<i64> = val.iter().map(|&i| i as i64).collect();
+    let mut means = RunningMeans::default();
+    let mut last_checkpoint = Instant::now();
+    let mut order = Vec::new();
+    let mut order_epoch = -1;
+    let mut final_metrics = BTreeMap::new();
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = epoch_order(train.len(), config.seed, epoch)
+                .into_iter()
+                .map(|k| train_i64[k as usize])
+                .collect();
+            order_epoch = epoch;
+        }
+        let within = (step % steps_per_epoch) as usize;
+        let chunk = &order[within * batch_size..(within + 1) * batch_size];
+        let mut images = normalise(
+            &data.images.index_select(0, &Tensor::from_slice(chunk)),
+            &input.mean,
+            &input.std,
+            ctx.device,
+        );
+        if config.augment {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                (config.seed as u64)
+                    .wrapping_add(step as u64)
+                    .wrapping_mul(0x2545_f491_4f6c_dd1d),
+            );
+            images = augment(&images, &mut rng);
+        }
+        let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
+        let labels = Tensor::from_slice(&labels).to_device(ctx.device);
+        let logits = classify(&images, true);
+        let loss = logits.cross_entropy_for_logits(&labels);
+        let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
+        optimizer.set_lr_group(1, learning_rate);
+        optimizer.set_lr_group(0, learning_rate * config.trunk_lr_scale);
+        optimizer.backward_step(&loss);
+
+        means.add("loss", f64::try_from(&loss)?);
+        means.add(
+            "train_accuracy",
+            f64::try_from(logits.accuracy_for_logits(&labels))?,
+        );
+        means.add("learning_rate", learning_rate);
+        means.add_images(batch_size as u64);
+
+        let done = step + 1;
+        let epoch_end = done % steps_per_epoch == 0 || done == total_steps;
+        if done % REPORT_EVERY == 0 || epoch_end {
+            let mut metrics = means.drain();
+            if epoch_end {
+                let eval_images = if val_i64.is_empty() {
+                    &train_i64
+                } else {
+                    &val_i64
+                };
+                let (val_loss, val_accuracy) = evaluate(
+                    &|x| classify(x, false),
+                    &data,
+                    eval_images,
+                    &input,
+                    ctx.device,
+                );
+                let prefix = if val_i64.is_empty() {
+                    "train_eval"
+                } else {
+                    "val"
+                };
+                metrics.push((format!("{prefix}_loss"), val_loss));
+                metrics.push((format!("{prefix}_accuracy"), val_accuracy));
+                final_metrics.insert(format!("{prefix}_accuracy"), val_accuracy);
+                final_metrics.insert(format!("{prefix}_loss"), val_loss);
+            }
+            ctx.emit(TrainingEvent::Report {
+                epoch: epoch + 1,
+                step: done,
+                metrics,
+            });
+        }
+        let stop = ctx.stop.requested();
+        if stop == Some(StopReason::Cancel) {
+            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
+        }
+        let due = last_checkpoint.elapsed().as_secs() >= config.checkpoint_interval_secs as u64;
+        if (epoch_end && done < total_steps) || due || stop.is_some() {
+            checkpoint.save(&vs, CheckpointState { step: done })?;
+            ctx.emit(TrainingEvent::Checkpoint { step: done });
+            last_checkpoint = Instant::now();
+        }
+        if let Some(reason) = stop {
+            return Ok(TrainingOutcome::Stopped(reason));
+        }
+    }
+
+    save_model_weights(&vs, &ctx.model_weights, |_| true)?;
+    final_metrics.insert("train_labels".to_string(), train.len() as f64);
+    final_metrics.insert("val_images".to_string(), val.len() as f64);
+    Ok(TrainingOutcome::Finished(ModelArtifact {
+        kind: "classifier",
+        backbone: config.backbone.name(),
+        pretext: None,
+        classes: data.classes.clone(),
+        embedding_dim: config.backbone.feature_dim(),
+        input,
+        metrics: final_metrics,
+        pretext_config: None,
+    }))
+}

@@ -1,0 +1,13 @@
+//! LibTorch models and everything that runs them: backbones, the jigsaw
+//! pretext task, the training loops for pretraining and fine-tuning,
+//! checkpoints, and inference. Code in here runs only on dedicated OS threads
+//! that own their tensors; async code talks to it through channels.
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod device;
+pub mod finetune;
+pub mod inference;
+pub mod jigsaw;
+pub mod pretrain;
+pub mod training;

@@ -1,0 +1,196 @@
+//! The pretraining loop: a context-free network learns to solve jigsaw
+//! puzzles cut from the dataset's images; the trunk becomes an encoder.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::nn::{self, OptimizerConfig};
+use tch::Tensor;
+
+use super::backbone::features;
+use super::checkpoint::{save_model_weights, CheckpointState, JobCheckpoint};
+use super::jigsaw::{make_puzzles, JigsawHead, JigsawPermutationSet, PuzzleShape};
+use super::training::{
+    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
+    TrainingContext, TrainingEvent, TrainingOutcome,
+};
+use crate::data::loader::load_image_set;
+use crate::jobs::config::PretrainConfig;
+
+/// Prefix of the variables that belong to the pretext head, not the trunk.
+const HEAD_PREFIX: &str = "jigsaw.";
+/// Optimizer steps between two metric reports.
+const REPORT_EVERY: i64 = 10;
+
+/// The shuffled image order of one epoch, reproducible from the seed.
+pub fn epoch_order(len: usize, seed: i64, epoch: i64) -> Vec<i64> {
+    let mut order: Vec<i64> = (0..len as i64).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        (seed as u64) ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Runs (or resumes) a jigsaw pretraining job on the dataset in `dataset_dir`.
+pub fn run_pretrain(
+    ctx: &TrainingContext,
+    config: &PretrainConfig,
+    dataset_dir: &Path,
+    channels: u8,
+) -> anyhow::Result<TrainingOutcome> {
+    let data = load_image_set(
+        dataset_dir,
+        config.image_size as u32,
+        channels,
+        ctx.max_image_pixels,
+    )
+    .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
+    let (mean, std) = data.channel_stats();
+    let permutations = JigsawPermutationSet::generate(
+        config.grid,
+        config.num_permutations as usize,
+        config.permutation_seed as u64,
+    );
+    let shape = PuzzleShape {
+        grid: config.grid,
+        tile_size: config.tile_size,
+        grayscale_probability: config.grayscale_probability,
+        channel_jitter: config.channel_jitter,
+    };
+
+    let vs = nn::VarStore::new(ctx.device);
+    let root = vs.root();
+    let trunk = config.backbone.build(&root, channels as i64);
+    let head = JigsawHead::new(
+        &(&root / "jigsaw"),
+        config.backbone.feature_dim(),
+        permutations.tiles(),
+        permutations.permutations.len() as i64,
+    );
+    let mut optimizer = nn::AdamW {
+        wd: config.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, config.learning_rate)?;
+
+    let batch_size = (config.batch_size as usize).min(data.len()).max(1);
+    let steps_per_epoch = (data.len() / batch_size).max(1) as i64;
+    let mut total_steps = config.epochs * steps_per_epoch;
+    if let Some(max_steps) = config.max_steps {
+        total_steps = total_steps.min(max_steps);
+    }
+    let checkpoint = JobCheckpoint::in_dir(&ctx.job_dir);
+    let start_step = checkpoint.restore(&vs)?.map_or(0, |s| s.step);
+    ctx.emit(TrainingEvent::Plan {
+        epochs: config.epochs,
+        steps: total_steps,
+        start_step,
+    });
+
+    let mut means = RunningMeans::default();
+    let mut epoch_accuracy = RunningMeans::default();
+    let mut last_checkpoint = Instant::now();
+    let mut order = Vec::new();
+    let mut order_epoch = -1;
+    let mut final_accuracy = None;
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = epoch_order(data.len(), config.seed, epoch);
+            order_epoch = epoch;
+        }
+        let within = (step % steps_per_epoch) as usize;
+        let indices = Tensor::from_slice(&order[within * batch_size..(within + 1) * batch_size]);
+        let images = data.images.index_select(0, &indices);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            (config.seed as u64)
+                .wrapping_add(step as u64)
+                .wrapping_mul(0x2545_f491_4f6c_dd1d),
+        );
+        let (tiles, labels) = make_puzzles(&images, &permutations, shape, &mut rng);
+        let tiles = tiles.to_device(ctx.device);
+        let labels = labels.to_device(ctx.device);
+        let dims = tiles.size();
+        let flat = tiles.view([dims[0] * dims[1], dims[2], dims[3], dims[4]]);
+        let logits = head.forward_t(&features(&trunk, &flat, true), true);
+        let loss = logits.cross_entropy_for_logits(&labels);
+        let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
+        optimizer.set_lr(learning_rate);
+        optimizer.backward_step(&loss);
+
+        let accuracy = f64::try_from(logits.accuracy_for_logits(&labels))?;
+        means.add("loss", f64::try_from(&loss)?);
+        means.add("pretext_accuracy", accuracy);
+        means.add("learning_rate", learning_rate);
+        means.add_images(batch_size as u64);
+        epoch_accuracy.add("pretext_accuracy", accuracy);
+
+        let done = step + 1;
+        let epoch_end = done % steps_per_epoch == 0 || done == total_steps;
+        if done % REPORT_EVERY == 0 || epoch_end {
+            ctx.emit(TrainingEvent::Report {
+                epoch: epoch + 1,
+                step: done,
+                metrics: means.drain(),
+            });
+        }
+        if epoch_end {
+            final_accuracy = epoch_accuracy
+                .drain()
+                .into_iter()
+                .find(|(n, _)| n == "pretext_accuracy")
+                .map(|(_, v)| v);
+        }
+        let stop = ctx.stop.requested();
+        if stop == Some(StopReason::Cancel) {
+            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
+        }
+        let due = last_checkpoint.elapsed().as_secs() >= config.checkpoint_interval_secs as u64;
+        if (epoch_end && done < total_steps) || due || stop.is_some() {
+            checkpoint.save(&vs, CheckpointState { step: done })?;
+            ctx.emit(TrainingEvent::Checkpoint { step: done });
+            last_checkpoint = Instant::now();
+        }
+        if let Some(reason) = stop {
+            return Ok(TrainingOutcome::Stopped(reason));
+        }
+    }
+
+    save_model_weights(&vs, &ctx.model_weights, |name| {
+        !name.starts_with(HEAD_PREFIX)
+    })?;
+    let mut metrics = BTreeMap::new();
+    if let Some(accuracy) = final_accuracy {
+        metrics.insert("pretext_accuracy".to_string(), accuracy);
+    }
+    metrics.insert(
+        "chance_accuracy".to_string(),
+        1.0 / permutations.permutations.len() as f64,
+    );
+    Ok(TrainingOutcome::Finished(ModelArtifact {
+        kind: "encoder",
+        backbone: config.backbone.name(),
+        pretext: Some(config.pretext.clone()),
+        classes: Vec::new(),
+        embedding_dim: config.backbone.feature_dim(),
+        input: InputSpec {
+            image_size: config.image_size as u32,
+            channels,
+            mean,
+            std,
+        },
+        metrics,
+        pretext_config: Some(serde_json::json!({
+            "grid": config.grid,
+            "tile_size": config.tile_size,
+            "num_permutations": permutations.permutations.len(),
+            "permutation_seed": config.permutation_seed,
+            "min_hamming_distance": permutations.minimum_distance(),
+            "permutations": permutations.permutations,
+        })),
+    }))
+}

@@ -1,0 +1,397 @@
+//! Test helpers: a real server on a random port against a fresh database in
+//! the real Postgres, with one typed method per endpoint, and generated image
+//! archives (stripes and discs in random colours) to train on.
+#![allow(dead_code)]
+
+use std::io::{Cursor, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, ImageBuffer, Rgb};
+use pretext::app::Application;
+use pretext::config::ServeConfig;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Postgres server the tests use; each test gets its own database on it.
+pub fn postgres_server() -> String {
+    std::env::var("PRETEXT_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+/// A fresh database URL and data folder.
+pub fn fresh_environment() -> (String, PathBuf) {
+    let name = format!("pretext_test_{}", uuid::Uuid::new_v4().simple());
+    let data_dir = std::env::temp_dir().join(&name);
+    (format!("{}/{name}", postgres_server()), data_dir)
+}
+
+/// A running server.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Knobs tests turn.
+#[derive(Clone)]
+pub struct TestOptions {
+    pub workers: usize,
+    pub lease_secs: u64,
+    pub max_upload_bytes: Option<u64>,
+    pub max_uncompressed_bytes: Option<u64>,
+    pub max_archive_entries: Option<u64>,
+    pub environment: Option<(String, PathBuf)>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            lease_secs: 30,
+            max_upload_bytes: None,
+            max_uncompressed_bytes: None,
+            max_archive_entries: None,
+            environment: None,
+        }
+    }
+}
+
+/// Configuration of a test server.
+pub fn test_config(options: &TestOptions, database_url: &str, data_dir: PathBuf) -> ServeConfig {
+    let mut config = ServeConfig::with_database(database_url, data_dir);
+    config.workers = Some(options.workers);
+    config.devices = "cpu".to_string();
+    config.inference_device = "cpu".to_string();
+    config.lease_secs = options.lease_secs;
+    config.poll_interval_ms = 200;
+    if let Some(v) = options.max_upload_bytes {
+        config.max_upload_bytes = v;
+    }
+    if let Some(v) = options.max_uncompressed_bytes {
+        config.max_uncompressed_bytes = v;
+    }
+    if let Some(v) = options.max_archive_entries {
+        config.max_archive_entries = v;
+    }
+    config
+}
+
+/// Starts a server with default options.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(TestOptions::default()).await
+}
+
+/// Starts a server.
+pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    let (database_url, data_dir) = options
+        .environment
+        .clone()
+        .unwrap_or_else(fresh_environment);
+    let config = test_config(&options, &database_url, data_dir.clone());
+    let app = Application::build(config)
+        .await
+        .expect("the application builds");
+    let address = format!("http://{}", app.local_addr());
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        database_url,
+        data_dir,
+        shutdown,
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.server).await;
+    }
+
+    pub async fn upload_raw(
+        &self,
+        body: Vec<u8>,
+        content_type: &str,
+        name: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/v1/datasets"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(name) = name {
+            request = request.query(&[("name", name)]);
+        }
+        request.send().await.expect("request sent")
+    }
+
+    pub async fn upload_zip(&self, archive: Vec<u8>) -> Value {
+        let response = self
+            .upload_raw(archive, "application/zip", Some("shapes"))
+            .await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        response.json().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.get(path).await;
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn create_job(&self, body: Value) -> Value {
+        let response = self.post_json("/v1/jobs", &body).await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        response.json().await.unwrap()
+    }
+
+    pub async fn cancel_job(&self, id: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/jobs/{id}/cancel")))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.get_json(&format!("/v1/jobs/{id}")).await
+    }
+
+    /// Polls a job until `done` holds for it, or panics after `timeout`.
+    pub async fn wait_for_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let job = self.job(id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {id} did not get there in {timeout:?}: {job:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Polls a job until it ends; panics unless it succeeded.
+    pub async fn wait_for_success(&self, id: &str, timeout: Duration) -> Value {
+        let job = self
+            .wait_for_job(id, timeout, |j| {
+                matches!(
+                    j["state"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                )
+            })
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        job
+    }
+
+    pub async fn post_image(
+        &self,
+        model_id: &str,
+        action: &str,
+        query: &str,
+        png: Vec<u8>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/models/{model_id}/{action}{query}")))
+            .header("content-type", "image/png")
+            .body(png)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_images(
+        &self,
+        model_id: &str,
+        action: &str,
+        query: &str,
+        pngs: Vec<Vec<u8>>,
+    ) -> reqwest::Response {
+        let mut form = reqwest::multipart::Form::new();
+        for (i, png) in pngs.into_iter().enumerate() {
+            let part = reqwest::multipart::Part::bytes(png)
+                .file_name(format!("{i}.png"))
+                .mime_str("image/png")
+                .unwrap();
+            form = form.part("file", part);
+        }
+        self.client
+            .post(self.url(&format!("/v1/models/{model_id}/{action}{query}")))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+/// Asserts a problem+json response with `status`; returns its body.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status);
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["type"].as_str().is_some() && body["title"].as_str().is_some(),
+        "{body}"
+    );
+    body
+}
+
+/// The shape classes of the generated datasets.
+pub const CLASSES: [&str; 3] = ["disc", "horizontal", "vertical"];
+
+/// A 32×32 image of `class` in random colours.
+pub fn shape_image(class: &str, rng: &mut impl Rng) -> DynamicImage {
+    let fg = Rgb([
+        rng.gen_range(128..=255u8),
+        rng.gen_range(128..=255u8),
+        rng.gen_range(128..=255u8),
+    ]);
+    let bg = Rgb([
+        rng.gen_range(0..96u8),
+        rng.gen_range(0..96u8),
+        rng.gen_range(0..96u8),
+    ]);
+    let phase = rng.gen_range(0..8u32);
+    let (cx, cy, r) = (
+        rng.gen_range(10..22) as f32,
+        rng.gen_range(10..22) as f32,
+        rng.gen_range(6..10) as f32,
+    );
+    let img = ImageBuffer::from_fn(32, 32, |x, y| {
+        let on = match class {
+            "horizontal" => (y + phase) % 8 < 4,
+            "vertical" => (x + phase) % 8 < 4,
+            _ => ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r,
+        };
+        if on {
+            fg
+        } else {
+            bg
+        }
+    });
+    DynamicImage::ImageRgb8(img)
+}
+
+/// PNG bytes of an image.
+pub fn png(image: &DynamicImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image
+        .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// A labelled set of `(path, bytes)` entries: `per_class` images per class.
+pub fn labelled_entries(per_class: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut entries = Vec::new();
+    for class in CLASSES {
+        for i in 0..per_class {
+            entries.push((
+                format!("{class}/{i}.png"),
+                png(&shape_image(class, &mut rng)),
+            ));
+        }
+    }
+    entries
+}
+
+/// A zip archive of entries.
+pub fn zip_archive(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        writer.start_file(name.as_str(), options).unwrap();
+        writer.write_all(bytes).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+/// A tar.gz archive of entries.
+pub fn tar_gz_archive(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(encoder);
+    for (name, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        // Written raw so tests can put unsafe names in archives.
+        let raw = name.as_bytes();
+        header.as_old_mut().name[..raw.len()].copy_from_slice(raw);
+        header.set_cksum();
+        builder.append(&header, bytes.as_slice()).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+/// A small, fast pretraining config for tests.
+pub fn quick_pretrain_config() -> Value {
+    json!({
+        "backbone": "convnet",
+        "image_size": 32,
+        "epochs": 2,
+        "batch_size": 16,
+        "num_permutations": 10,
+        "checkpoint_interval_secs": 1
+    })
+}

@@ -1,0 +1,258 @@
+//! The user's whole path over HTTP: upload an archive, pretrain with the
+//! jigsaw task, fine-tune the encoder on labels, classify and embed; and the
+//! weights of a resnet18 load into torchvision.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
+    let app = spawn_app().await;
+
+    let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 1))).await;
+    assert_eq!(dataset["num_images"], 90);
+    assert_eq!(dataset["labeled"], true);
+    assert_eq!(dataset["channels"], 3);
+    assert_eq!(dataset["classes"], json!(CLASSES));
+    assert_eq!(dataset["class_counts"]["disc"], 30);
+    let dataset_id = dataset["id"].as_str().unwrap().to_string();
+
+    // Pretrain.
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": quick_pretrain_config()}))
+        .await;
+    assert_eq!(job["state"], "queued");
+    assert_eq!(job["config"]["grid"], 3, "defaults are filled in: {job}");
+    assert_eq!(job["config"]["tile_size"], 8);
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(180))
+        .await;
+    assert_eq!(job["progress"]["step"], job["progress"]["steps"]);
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["device"], "cpu");
+    let encoder_id = job["model_id"].as_str().unwrap().to_string();
+    let metrics = app
+        .get_json(&format!(
+            "/v1/jobs/{}/metrics?name=loss",
+            job["id"].as_str().unwrap()
+        ))
+        .await;
+    let points = metrics["points"].as_array().unwrap();
+    assert!(!points.is_empty());
+    assert!(points
+        .iter()
+        .all(|p| p["name"] == "loss" && p["value"].as_f64().unwrap().is_finite()));
+
+    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    assert_eq!(encoder["kind"], "encoder");
+    assert_eq!(encoder["pretext"], "jigsaw");
+    assert_eq!(encoder["embedding_dim"], 256);
+    assert_eq!(encoder["input"]["image_size"], 32);
+    assert_eq!(
+        encoder["pretext_config"]["permutations"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+
+    // An encoder has no classes.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let probe = png(&shape_image("disc", &mut rng));
+    let response = app
+        .post_image(&encoder_id, "classify", "", probe.clone())
+        .await;
+    let problem = assert_problem(response, 409).await;
+    assert!(problem["detail"].as_str().unwrap().contains("fine-tune"));
+
+    // Fine-tune the encoder's trunk on the labels.
+    let job = app
+        .create_job(json!({
+            "kind": "finetune",
+            "dataset_id": dataset_id,
+            "base_model_id": encoder_id,
+            "config": {"epochs": 15, "batch_size": 16, "learning_rate": 0.003, "val_fraction": 0.2}
+        }))
+        .await;
+    assert_eq!(
+        job["config"]["backbone"], "convnet",
+        "the base's backbone is the default"
+    );
+    assert_eq!(job["config"]["image_size"], 32);
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(180))
+        .await;
+    let classifier_id = job["model_id"].as_str().unwrap().to_string();
+    let classifier = app.get_json(&format!("/v1/models/{classifier_id}")).await;
+    assert_eq!(classifier["kind"], "classifier");
+    assert_eq!(classifier["base_model_id"], encoder_id);
+    assert_eq!(classifier["classes"], json!(CLASSES));
+    assert!(
+        classifier["metrics"]["val_accuracy"].as_f64().is_some(),
+        "{classifier}"
+    );
+
+    // Classify fresh images of each class, several per request.
+    let mut images = Vec::new();
+    let mut truth = Vec::new();
+    for class in CLASSES {
+        for _ in 0..4 {
+            images.push(png(&shape_image(class, &mut rng)));
+            truth.push(class);
+        }
+    }
+    let response = app
+        .post_images(&classifier_id, "classify", "?top_k=2", images.clone())
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let predictions = body["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 12);
+    let mut correct = 0;
+    for (prediction, expected) in predictions.iter().zip(&truth) {
+        let ranked = prediction.as_array().unwrap();
+        assert_eq!(ranked.len(), 2);
+        let (first, second) = (
+            ranked[0]["score"].as_f64().unwrap(),
+            ranked[1]["score"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&first) && second <= first,
+            "{prediction}"
+        );
+        correct += usize::from(ranked[0]["label"] == *expected);
+    }
+    // Chance is 4 of 12.
+    assert!(
+        correct >= 8,
+        "only {correct} of 12 classified correctly: {body}"
+    );
+
+    // Embeddings come back in input order: a batch equals its parts.
+    let response = app
+        .post_images(
+            &encoder_id,
+            "embed",
+            "",
+            vec![images[0].clone(), images[11].clone()],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let batch: Value = response.json().await.unwrap();
+    assert_eq!(batch["dim"], 256);
+    let rows = batch["embeddings"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let single: Value = app
+        .post_image(&encoder_id, "embed", "", images[11].clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let a: Vec<f64> = rows[1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let b: Vec<f64> = single["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(a.len(), 256);
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4));
+    let c: Vec<f64> = rows[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-3),
+        "different images embed differently"
+    );
+
+    // The lists show what was made, newest first.
+    let models = app.get_json("/v1/models").await;
+    let ids: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [classifier_id.as_str(), encoder_id.as_str()]);
+    let classifiers = app.get_json("/v1/models?kind=classifier").await;
+    assert_eq!(classifiers["models"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+fn python() -> std::path::PathBuf {
+    std::env::var_os("PRETEXT_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+        })
+}
+
+async fn check_in_torchvision(app: &TestApp, model_id: &str, extra: &[&str]) {
+    let response = app.get(&format!("/v1/models/{model_id}/weights")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    let bytes = response.bytes().await.unwrap();
+    let path = app.data_dir.join(format!("{model_id}.safetensors"));
+    std::fs::write(&path, &bytes).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/load_in_torchvision.py");
+    let output = std::process::Command::new(python())
+        .arg(script)
+        .arg(&path)
+        .args(extra)
+        .output()
+        .expect("the project's python runs (make setup installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "torchvision refused the weights: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["unexpected_keys"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnet18_weights_load_into_torchvision() {
+    let app = spawn_app().await;
+    let dataset = app.upload_zip(zip_archive(&labelled_entries(4, 2))).await;
+    let dataset_id = dataset["id"].as_str().unwrap();
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id,
+            "config": {"backbone": "resnet18", "image_size": 48, "max_steps": 2, "batch_size": 4, "num_permutations": 4}}))
+        .await;
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(180))
+        .await;
+    let encoder_id = job["model_id"].as_str().unwrap().to_string();
+    check_in_torchvision(&app, &encoder_id, &[]).await;
+
+    let job = app
+        .create_job(
+            json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
+            "config": {"max_steps": 2, "batch_size": 4, "val_fraction": 0.0}}),
+        )
+        .await;
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(180))
+        .await;
+    let classifier_id = job["model_id"].as_str().unwrap();
+    check_in_torchvision(&app, classifier_id, &["--num-classes", "3"]).await;
+    app.stop().await;
+}
