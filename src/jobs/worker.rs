@@ -343,6 +343,7 @@ impl Worker {
             }
             TrainingEvent::Checkpoint { step } => {
                 progress.checkpoint_step = step;
+                progress.step = progress.step.max(step);
                 (progress.epoch, progress.step, Vec::new())
             }
         };
