@@ -237,9 +237,14 @@ impl Worker {
             tokio::select! {
                 result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
                 Some(event) = events.recv() => {
-                    if !self.record_event(&job, &mut progress, event).await? {
-                        lease_lost = true;
-                        stop.request(StopReason::Release);
+                    match self.record_event(&job, &mut progress, event).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            lease_lost = true;
+                            stop.request(StopReason::Release);
+                        }
+                        // The heartbeat decides whether the job is still ours.
+                        Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -261,8 +266,10 @@ impl Worker {
             }
         };
         while let Ok(event) = events.try_recv() {
-            if !self.record_event(&job, &mut progress, event).await? {
-                lease_lost = true;
+            match self.record_event(&job, &mut progress, event).await {
+                Ok(true) => {}
+                Ok(false) => lease_lost = true,
+                Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
             }
         }
         if lease_lost {

@@ -140,6 +140,8 @@ pub fn run_finetune(
         }
     };
 
+    // Reproducible initialisation for a given seed.
+    tch::manual_seed(config.seed);
     let vs = nn::VarStore::new(ctx.device);
     let root = vs.root();
     let trunk = config.backbone.build(&root.set_group(0), channels as i64);

@@ -62,6 +62,8 @@ pub fn run_pretrain(
         channel_jitter: config.channel_jitter,
     };
 
+    // Reproducible initialisation (and dropout) for a given seed.
+    tch::manual_seed(config.seed);
     let vs = nn::VarStore::new(ctx.device);
     let root = vs.root();
     let trunk = config.backbone.build(&root, channels as i64);
