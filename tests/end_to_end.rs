@@ -178,6 +178,44 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
         "different images embed differently"
     );
 
+    // Bodies that are not images, unknown models.
+    let response = app
+        .post_image(&classifier_id, "classify", "", b"not a png at all".to_vec())
+        .await;
+    let problem = assert_problem(response, 422).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("image 0"),
+        "{problem}"
+    );
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/models/{classifier_id}/classify")))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 415).await;
+    assert_problem(
+        app.post_image(&classifier_id, "classify", "", Vec::new())
+            .await,
+        400,
+    )
+    .await;
+    assert_problem(
+        app.post_image(&classifier_id, "classify", "?top_k=0", images[0].clone())
+            .await,
+        422,
+    )
+    .await;
+    let missing = uuid::Uuid::now_v7().to_string();
+    assert_problem(
+        app.post_image(&missing, "embed", "", images[0].clone())
+            .await,
+        404,
+    )
+    .await;
+
     // The lists show what was made, newest first.
     let models = app.get_json("/v1/models").await;
     let ids: Vec<&str> = models["models"]
@@ -189,6 +227,25 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
     assert_eq!(ids, [classifier_id.as_str(), encoder_id.as_str()]);
     let classifiers = app.get_json("/v1/models?kind=classifier").await;
     assert_eq!(classifiers["models"].as_array().unwrap().len(), 1);
+
+    // A deleted model is gone, files and all.
+    assert_eq!(
+        app.delete(&format!("/v1/models/{classifier_id}"))
+            .await
+            .status(),
+        204
+    );
+    assert_problem(app.get(&format!("/v1/models/{classifier_id}")).await, 404).await;
+    assert_problem(
+        app.post_image(&classifier_id, "classify", "", images[0].clone())
+            .await,
+        404,
+    )
+    .await;
+    assert!(!app
+        .data_dir
+        .join(format!("models/{classifier_id}"))
+        .exists());
     app.stop().await;
 }
 

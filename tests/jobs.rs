@@ -12,49 +12,156 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn labelled_dataset(app: &TestApp, per_class: usize) -> String {
-    let dataset = app.upload_zip(zip_archive(&labelled_entries(per_class, 11))).await;
+    let dataset = app
+        .upload_zip(zip_archive(&labelled_entries(per_class, 11)))
+        .await;
     dataset["id"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_jobs_are_refused_with_the_field_named() {
-    let app = spawn_app_with(TestOptions { workers: 0, ..Default::default() }).await;
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
     let dataset_id = labelled_dataset(&app, 2).await;
     let unlabelled = app
-        .upload_zip(zip_archive(&[("a.png".into(), labelled_entries(1, 1)[0].1.clone())]))
+        .upload_zip(zip_archive(&[(
+            "a.png".into(),
+            labelled_entries(1, 1)[0].1.clone(),
+        )]))
         .await;
 
     let cases = [
-        (json!({"kind": "train", "dataset_id": dataset_id}), 422, "kind"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"epochs": -1}}), 422, "config.epochs"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"batch_size": 100000000}}), 422, "config.batch_size"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"learning_rate": 0}}), 422, "config.learning_rate"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"grid": 2, "num_permutations": 30}}), 422, "config.num_permutations"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"backbone": "vgg"}}), 422, "config.backbone"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"colour": 1}}), 422, "config.colour"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "config": [1]}), 422, "config"),
-        (json!({"kind": "pretrain", "dataset_id": dataset_id, "max_attempts": 0}), 422, "max_attempts"),
-        (json!({"kind": "finetune", "dataset_id": unlabelled["id"]}), 422, "dataset_id"),
-        (json!({"kind": "finetune", "dataset_id": dataset_id, "config": {"label_fraction": 0.5, "labels_per_class": 3}}), 422, "config.labels_per_class"),
-        (json!({"kind": "finetune", "dataset_id": dataset_id, "config": {"mode": "linear"}}), 422, "config.mode"),
+        (
+            json!({"kind": "train", "dataset_id": dataset_id}),
+            422,
+            "kind",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"epochs": -1}}),
+            422,
+            "config.epochs",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"batch_size": 100000000}}),
+            422,
+            "config.batch_size",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"learning_rate": 0}}),
+            422,
+            "config.learning_rate",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"grid": 2, "num_permutations": 30}}),
+            422,
+            "config.num_permutations",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"backbone": "vgg"}}),
+            422,
+            "config.backbone",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": {"colour": 1}}),
+            422,
+            "config.colour",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "config": [1]}),
+            422,
+            "config",
+        ),
+        (
+            json!({"kind": "pretrain", "dataset_id": dataset_id, "max_attempts": 0}),
+            422,
+            "max_attempts",
+        ),
+        (
+            json!({"kind": "finetune", "dataset_id": unlabelled["id"]}),
+            422,
+            "dataset_id",
+        ),
+        (
+            json!({"kind": "finetune", "dataset_id": dataset_id, "config": {"label_fraction": 0.5, "labels_per_class": 3}}),
+            422,
+            "config.labels_per_class",
+        ),
+        (
+            json!({"kind": "finetune", "dataset_id": dataset_id, "config": {"mode": "linear"}}),
+            422,
+            "config.mode",
+        ),
     ];
     for (body, status, field) in cases {
         let problem = assert_problem(app.post_json("/v1/jobs", &body).await, status).await;
-        let fields: Vec<&str> = problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
-        assert!(fields.contains(&field), "{body}: expected {field} in {problem}");
+        let fields: Vec<&str> = problem["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["field"].as_str().unwrap())
+            .collect();
+        assert!(
+            fields.contains(&field),
+            "{body}: expected {field} in {problem}"
+        );
     }
 
     // Unknown top-level fields, malformed JSON, a missing content type, unknown ids.
-    assert_problem(app.post_json("/v1/jobs", &json!({"kind": "pretrain", "dataset_id": dataset_id, "priority": 1})).await, 422).await;
-    let response = app.client.post(app.url("/v1/jobs")).header("content-type", "application/json").body("{\"kind\":").send().await.unwrap();
+    assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "pretrain", "dataset_id": dataset_id, "priority": 1}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body("{\"kind\":")
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 400).await;
-    let response = app.client.post(app.url("/v1/jobs")).body("{}").send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 415).await;
-    let response = app.post_json("/v1/jobs", &json!({"kind": "pretrain", "dataset_id": "nope"})).await;
+    let response = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"kind": "pretrain", "dataset_id": "nope"}),
+        )
+        .await;
     assert_problem(response, 422).await;
     let missing = uuid::Uuid::now_v7();
-    assert_problem(app.post_json("/v1/jobs", &json!({"kind": "pretrain", "dataset_id": missing})).await, 404).await;
-    assert_problem(app.post_json("/v1/jobs", &json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": missing})).await, 404).await;
+    assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "pretrain", "dataset_id": missing}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": missing}),
+        )
+        .await,
+        404,
+    )
+    .await;
     assert_problem(app.get(&format!("/v1/jobs/{missing}")).await, 404).await;
     assert_problem(app.get("/v1/jobs/123").await, 400).await;
     assert_problem(app.get("/v1/jobs?state=sleeping").await, 422).await;
@@ -67,11 +174,20 @@ async fn invalid_jobs_are_refused_with_the_field_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_is_cancelled_at_once_and_its_dataset_is_protected_while_queued() {
-    let app = spawn_app_with(TestOptions { workers: 0, ..Default::default() }).await;
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
     let dataset_id = labelled_dataset(&app, 2).await;
-    let job = app.create_job(json!({"kind": "pretrain", "dataset_id": dataset_id})).await;
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id}))
+        .await;
     let id = job["id"].as_str().unwrap();
-    assert_eq!(job["config"]["backbone"], "resnet18_small", "32 px images get the small-image defaults");
+    assert_eq!(
+        job["config"]["backbone"], "resnet18_small",
+        "32 px images get the small-image defaults"
+    );
     assert_eq!(job["config"]["image_size"], 64);
 
     assert_problem(app.delete(&format!("/v1/datasets/{dataset_id}")).await, 409).await;
@@ -84,7 +200,12 @@ async fn a_queued_job_is_cancelled_at_once_and_its_dataset_is_protected_while_qu
     assert_eq!(cancelled["state"], "cancelled");
     assert!(cancelled["finished_at"].is_string());
     assert_problem(app.cancel_job(id).await, 409).await;
-    assert_eq!(app.delete(&format!("/v1/datasets/{dataset_id}")).await.status(), 204);
+    assert_eq!(
+        app.delete(&format!("/v1/datasets/{dataset_id}"))
+            .await
+            .status(),
+        204
+    );
     app.stop().await;
 }
 
@@ -94,22 +215,40 @@ async fn a_running_job_stops_within_seconds_of_a_cancel() {
     let dataset_id = labelled_dataset(&app, 10).await;
     let mut config = quick_pretrain_config();
     config["epochs"] = json!(1000);
-    let job = app.create_job(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": config})).await;
-    let id = job["id"].as_str().unwrap();
-    app.wait_for_job(id, Duration::from_secs(60), |j| j["state"] == "running" && j["progress"]["step"].as_i64() > Some(0))
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": config}))
         .await;
+    let id = job["id"].as_str().unwrap();
+    app.wait_for_job(id, Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["progress"]["step"].as_i64() > Some(0)
+    })
+    .await;
     let response = app.cancel_job(id).await;
     assert_eq!(response.status(), 200);
-    let job = app.wait_for_job(id, Duration::from_secs(10), |j| j["state"] != "running").await;
+    let job = app
+        .wait_for_job(id, Duration::from_secs(10), |j| j["state"] != "running")
+        .await;
     assert_eq!(job["state"], "cancelled");
     assert!(job["model_id"].is_null());
     app.stop().await;
 }
 
 /// Starts the real binary; returns it and its address.
-async fn start_binary(database_url: &str, data_dir: &std::path::Path, lease_secs: u64) -> (tokio::process::Child, String) {
+async fn start_binary(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    lease_secs: u64,
+) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pretext"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--devices", "cpu", "--poll-interval-ms", "200"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--poll-interval-ms",
+            "200",
+        ])
         .arg("--lease-secs")
         .arg(lease_secs.to_string())
         .arg("--database-url")
@@ -170,14 +309,25 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
     // Wait for a checkpoint, then kill the process without warning.
     let mut checkpoint_step = 0;
     for _ in 0..600 {
-        let job: Value = client.get(format!("{address}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
+        let job: Value = client
+            .get(format!("{address}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         checkpoint_step = job["progress"]["checkpoint_step"].as_i64().unwrap();
-        if checkpoint_step > 0 {
+        // 36 images in batches of 4: the first epoch ends, reports and checkpoints at step 9.
+        if checkpoint_step >= 9 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(checkpoint_step > 0, "no checkpoint was written");
+    assert!(
+        checkpoint_step >= 9,
+        "no end-of-epoch checkpoint was written"
+    );
     child.kill().await.unwrap();
     child.wait().await.unwrap();
 
@@ -202,17 +352,39 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
     assert_eq!(job["attempts"], 2, "the retry is counted");
     assert_eq!(job["progress"]["step"], 120);
     let lowest = lowest_step_after_restart.get();
-    assert!(lowest >= checkpoint_step, "progress went back to {lowest} from checkpoint {checkpoint_step}");
+    assert!(
+        lowest >= checkpoint_step,
+        "progress went back to {lowest} from checkpoint {checkpoint_step}"
+    );
     // The metrics of the first attempt survived; the second attempt started at the checkpoint.
-    let metrics = app.get_json(&format!("/v1/jobs/{id}/metrics?name=loss")).await;
-    let steps: Vec<i64> = metrics["points"].as_array().unwrap().iter().map(|p| p["step"].as_i64().unwrap()).collect();
-    assert!(steps.iter().any(|&s| s <= checkpoint_step), "first attempt's metrics kept: {steps:?}");
-    let before: Vec<i64> = steps.iter().copied().filter(|&s| s <= checkpoint_step).collect();
+    let metrics = app
+        .get_json(&format!("/v1/jobs/{id}/metrics?name=loss"))
+        .await;
+    let steps: Vec<i64> = metrics["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_i64().unwrap())
+        .collect();
+    assert!(
+        steps.iter().any(|&s| s <= checkpoint_step),
+        "first attempt's metrics kept: {steps:?}"
+    );
+    let before: Vec<i64> = steps
+        .iter()
+        .copied()
+        .filter(|&s| s <= checkpoint_step)
+        .collect();
     let mut unique = before.clone();
     unique.dedup();
-    assert_eq!(before, unique, "steps up to the checkpoint were not trained twice: {steps:?}");
+    assert_eq!(
+        before, unique,
+        "steps up to the checkpoint were not trained twice: {steps:?}"
+    );
     assert_eq!(*steps.last().unwrap(), 120);
-    let model = app.get_json(&format!("/v1/models/{}", job["model_id"].as_str().unwrap())).await;
+    let model = app
+        .get_json(&format!("/v1/models/{}", job["model_id"].as_str().unwrap()))
+        .await;
     assert_eq!(model["kind"], "encoder");
     app.stop().await;
 }
