@@ -23,6 +23,8 @@ pub struct Job {
     pub progress: Json<Progress>,
     pub latest_metrics: Json<serde_json::Value>,
     pub model_id: Option<Uuid>,
+    /// Evaluation results (evaluate jobs, and pretrain jobs with an evaluation dataset).
+    pub report: Option<Json<serde_json::Value>>,
     pub error: Option<String>,
     pub attempts: i32,
     pub max_attempts: i32,

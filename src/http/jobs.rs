@@ -11,13 +11,14 @@ use super::datasets::list_limit;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
-use crate::db::datasets::get_dataset;
+use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{
     cancel_job, get_job, insert_job, list_jobs, list_metrics, CreateJobError, Job, NewJob,
 };
-use crate::db::models::get_model;
+use crate::db::models::{get_model, Model};
 use crate::jobs::config::{
-    config_parse_error, DefaultsFrom, FinetuneConfigRequest, PretrainConfigRequest,
+    config_parse_error, DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest,
+    PretrainConfigRequest,
 };
 use crate::ml::backbone::Backbone;
 
@@ -32,7 +33,7 @@ pub struct JobRequest {
     pub max_attempts: Option<i64>,
 }
 
-const KINDS: [&str; 2] = ["pretrain", "finetune"];
+const KINDS: [&str; 3] = ["pretrain", "finetune", "evaluate"];
 const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 fn parse_config<T: serde::de::DeserializeOwned + Default>(
@@ -47,6 +48,111 @@ fn parse_config<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
+/// A labelled dataset named in a config, or the error naming the field.
+async fn labelled_dataset(state: &AppState, id: Uuid, field: &str) -> Result<Dataset, ApiError> {
+    let dataset = get_dataset(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id} ({field})")))?;
+    if !dataset.labeled {
+        return Err(ApiError::field(
+            field,
+            "the dataset is unlabelled; evaluation needs one folder per class",
+        ));
+    }
+    Ok(dataset)
+}
+
+fn to_json(config: impl serde::Serialize) -> Result<serde_json::Value, ApiError> {
+    Ok(serde_json::to_value(config).map_err(anyhow::Error::from)?)
+}
+
+async fn pretrain_config(
+    state: &AppState,
+    dataset: &Dataset,
+    base: Option<&Model>,
+    config: Option<serde_json::Value>,
+) -> Result<(serde_json::Value, i64), ApiError> {
+    if base.is_some() {
+        return Err(ApiError::field(
+            "base_model_id",
+            "pretraining starts from scratch; omit base_model_id (it is for finetune and evaluate jobs)",
+        ));
+    }
+    let from = DefaultsFrom {
+        median_side: dataset.median_side as u32,
+        base: None,
+    };
+    let config = parse_config::<PretrainConfigRequest>(config)?
+        .resolve(from)
+        .map_err(ApiError::fields)?;
+    if let Some(id) = config.eval_dataset_id {
+        labelled_dataset(state, id, "config.eval_dataset_id").await?;
+    }
+    Ok((to_json(&config)?, config.epochs))
+}
+
+fn finetune_config(
+    dataset: &Dataset,
+    base: Option<&Model>,
+    config: Option<serde_json::Value>,
+) -> Result<(serde_json::Value, i64), ApiError> {
+    if !dataset.labeled {
+        return Err(ApiError::field(
+            "dataset_id",
+            "the dataset is unlabelled; fine-tuning needs an archive with one folder per class",
+        ));
+    }
+    let base_spec = match base {
+        Some(model) => Some((model_backbone(model)?, model.input.0.image_size)),
+        None => None,
+    };
+    let from = DefaultsFrom {
+        median_side: dataset.median_side as u32,
+        base: base_spec,
+    };
+    let config = parse_config::<FinetuneConfigRequest>(config)?
+        .resolve(from)
+        .map_err(ApiError::fields)?;
+    Ok((to_json(&config)?, config.epochs))
+}
+
+async fn evaluate_config(
+    state: &AppState,
+    dataset: &Dataset,
+    base: Option<&Model>,
+    config: Option<serde_json::Value>,
+) -> Result<(serde_json::Value, i64), ApiError> {
+    if base.is_none() {
+        return Err(ApiError::field(
+            "base_model_id",
+            "name the model to evaluate",
+        ));
+    }
+    if !dataset.labeled {
+        return Err(ApiError::field(
+            "dataset_id",
+            "the dataset is unlabelled; evaluation needs an archive with one folder per class",
+        ));
+    }
+    let config = parse_config::<EvaluateConfigRequest>(config)?
+        .resolve()
+        .map_err(ApiError::fields)?;
+    if let Some(id) = config.test_dataset_id {
+        labelled_dataset(state, id, "config.test_dataset_id").await?;
+    }
+    Ok((to_json(&config)?, config.epochs))
+}
+
+fn model_backbone(model: &Model) -> Result<Backbone, ApiError> {
+    Backbone::from_name(&model.backbone).ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!(
+            "model {} has unknown backbone {}",
+            model.id,
+            model.backbone
+        ))
+    })
+}
+
 /// `POST /v1/jobs`
 pub async fn create(
     State(state): State<AppState>,
@@ -55,7 +161,10 @@ pub async fn create(
     if !KINDS.contains(&request.kind.as_str()) {
         return Err(ApiError::field(
             "kind",
-            format!("unknown kind `{}`; use pretrain or finetune", request.kind),
+            format!(
+                "unknown kind `{}`; use pretrain, finetune or evaluate",
+                request.kind
+            ),
         ));
     }
     let max_attempts = match request.max_attempts.unwrap_or(3) {
@@ -77,53 +186,10 @@ pub async fn create(
             })?),
             None => None,
         };
-    let (config, epochs) = if request.kind == "pretrain" {
-        if base.is_some() {
-            return Err(ApiError::field(
-                "base_model_id",
-                "pretraining starts from scratch; omit base_model_id (it is for finetune jobs)",
-            ));
-        }
-        let from = DefaultsFrom {
-            median_side: dataset.median_side as u32,
-            base: None,
-        };
-        let config = parse_config::<PretrainConfigRequest>(request.config)?
-            .resolve(from)
-            .map_err(ApiError::fields)?;
-        let epochs = config.epochs;
-        (
-            serde_json::to_value(config).map_err(anyhow::Error::from)?,
-            epochs,
-        )
-    } else {
-        if !dataset.labeled {
-            return Err(ApiError::field(
-                "dataset_id",
-                "the dataset is unlabelled; fine-tuning needs an archive with one folder per class",
-            ));
-        }
-        let base_spec = match &base {
-            Some(model) => {
-                let backbone = Backbone::from_name(&model.backbone).ok_or_else(|| {
-                    anyhow::anyhow!("model {} has unknown backbone {}", model.id, model.backbone)
-                })?;
-                Some((backbone, model.input.0.image_size))
-            }
-            None => None,
-        };
-        let from = DefaultsFrom {
-            median_side: dataset.median_side as u32,
-            base: base_spec,
-        };
-        let config = parse_config::<FinetuneConfigRequest>(request.config)?
-            .resolve(from)
-            .map_err(ApiError::fields)?;
-        let epochs = config.epochs;
-        (
-            serde_json::to_value(config).map_err(anyhow::Error::from)?,
-            epochs,
-        )
+    let (config, epochs) = match request.kind.as_str() {
+        "pretrain" => pretrain_config(&state, &dataset, base.as_ref(), request.config).await?,
+        "finetune" => finetune_config(&dataset, base.as_ref(), request.config)?,
+        _ => evaluate_config(&state, &dataset, base.as_ref(), request.config).await?,
     };
     let job = insert_job(
         &state.pool,
@@ -173,7 +239,7 @@ pub async fn list(
     if let Some(k) = params.kind.as_deref().filter(|k| !KINDS.contains(k)) {
         return Err(ApiError::field(
             "kind",
-            format!("unknown kind `{k}`; use pretrain or finetune"),
+            format!("unknown kind `{k}`; use pretrain, finetune or evaluate"),
         ));
     }
     let jobs = list_jobs(
@@ -235,4 +301,35 @@ pub async fn metrics(
     }
     let points = list_metrics(&state.pool, id, params.name.as_deref()).await?;
     Ok(Json(serde_json::json!({ "points": points })))
+}
+
+/// `GET /v1/jobs/{id}/report`
+pub async fn report(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let job = get_job(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
+    let Some(report) = job.report else {
+        let why = match (job.kind.as_str(), job.state.as_str()) {
+            ("evaluate", state) => format!("the evaluation is {state}; its report appears when it succeeds"),
+            ("pretrain", "succeeded") => "this pretrain job had no config.eval_dataset_id, so nothing was evaluated; submit an evaluate job".to_string(),
+            ("pretrain", state) => format!("the job is {state}; a report appears when it succeeds with config.eval_dataset_id"),
+            _ => "fine-tuning jobs have no report; their metrics are on the model".to_string(),
+        };
+        return Err(ApiError::Conflict(why));
+    };
+    let model_id = if job.kind == "evaluate" {
+        job.base_model_id
+    } else {
+        job.model_id
+    };
+    let mut body = report.0;
+    if let Some(object) = body.as_object_mut() {
+        object.insert("job_id".into(), serde_json::json!(job.id));
+        object.insert("model_id".into(), serde_json::json!(model_id));
+        object.insert("dataset_id".into(), serde_json::json!(job.dataset_id));
+    }
+    Ok(Json(body))
 }

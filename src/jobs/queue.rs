@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::db::jobs::{Job, Progress};
 use crate::db::models::{insert_model, ModelOrigin};
+use crate::ml::evaluate::EvaluationReport;
 use crate::ml::training::ModelArtifact;
 
 /// Claims the oldest queued job for `owner`, or returns `None`.
@@ -181,15 +182,51 @@ pub async fn finish_succeeded(
     sqlx::query(
         "update jobs set state = 'succeeded', model_id = $2, progress = $3, finished_at = now(),
              lease_owner = null, lease_expires_at = null, error = null,
-             latest_metrics = latest_metrics || $4
+             latest_metrics = latest_metrics || $4, report = $5
          where id = $1",
     )
     .bind(job.id)
     .bind(model_id)
     .bind(Json(progress))
     .bind(Json(&artifact.metrics))
+    .bind(artifact.report.as_ref().map(Json))
     .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Marks an evaluate job succeeded with its report, and merges the headline
+/// numbers into the evaluated model's metrics; one transaction, fenced.
+pub async fn finish_evaluated(
+    pool: &PgPool,
+    job: &Job,
+    owner: Uuid,
+    report: &EvaluationReport,
+    progress: Progress,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "update jobs set state = 'succeeded', progress = $3, finished_at = now(),
+             lease_owner = null, lease_expires_at = null, error = null,
+             latest_metrics = latest_metrics || $4, report = $5
+         where id = $1 and lease_owner = $2 and state = 'running'",
+    )
+    .bind(job.id)
+    .bind(owner)
+    .bind(Json(progress))
+    .bind(Json(&report.summary))
+    .bind(Json(report))
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("update models set metrics = metrics || $2 where id = $1")
+        .bind(job.base_model_id)
+        .bind(Json(&report.summary))
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }

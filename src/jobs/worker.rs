@@ -16,19 +16,25 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::config::{FinetuneConfig, PretrainConfig};
+use super::config::{EvaluateConfig, FinetuneConfig, PretrainConfig, Protocol};
 use super::queue::{
-    claim_next_job, finish_job, finish_succeeded, record_progress, renew_lease,
+    claim_next_job, finish_evaluated, finish_job, finish_succeeded, record_progress, renew_lease,
     requeue_expired_leases, JobEnd, LeaseStatus,
 };
 use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{Job, Progress, JOBS_CHANNEL};
 use crate::db::models::{get_model, Model};
+use crate::ml::backbone::Backbone;
 use crate::ml::device::device_name;
+use crate::ml::evaluate::{
+    evaluate_frozen, load_trunk, run_label_efficiency, EncoderSource, EvaluationData,
+    FrozenProtocols, LabelEfficiencySettings,
+};
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
-    is_permanent, StopReason, StopSignal, TrainingContext, TrainingEvent, TrainingOutcome,
+    is_permanent, PermanentError, StopReason, StopSignal, TrainingContext, TrainingEvent,
+    TrainingOutcome,
 };
 use crate::storage::Storage;
 
@@ -48,6 +54,8 @@ struct Assignment {
     ctx: TrainingContext,
     dataset_dir: std::path::PathBuf,
     base_weights: Option<std::path::PathBuf>,
+    /// Labelled images to evaluate on (evaluate jobs; pretrain jobs that name one).
+    evaluation: Option<EvaluationData>,
     reply: oneshot::Sender<anyhow::Result<TrainingOutcome>>,
 }
 
@@ -73,23 +81,78 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
     let ctx = &assignment.ctx;
     let channels = assignment.dataset.channels as u8;
+    let base = match (&assignment.base, &assignment.base_weights) {
+        (Some(model), Some(weights)) => Some((model, weights)),
+        _ => None,
+    };
     match assignment.job.kind.as_str() {
         "pretrain" => {
             let config: PretrainConfig = serde_json::from_value(assignment.job.config.0.clone())
                 .context("the stored pretrain config is unreadable")?;
-            run_pretrain(ctx, &config, &assignment.dataset_dir, channels)
+            run_pretrain(
+                ctx,
+                &config,
+                &assignment.dataset_dir,
+                channels,
+                assignment.evaluation.clone(),
+            )
         }
         "finetune" => {
             let config: FinetuneConfig = serde_json::from_value(assignment.job.config.0.clone())
                 .context("the stored finetune config is unreadable")?;
-            let base = match (&assignment.base, &assignment.base_weights) {
-                (Some(model), Some(weights)) => Some(BaseEncoder {
-                    weights,
-                    input: model.input.0.clone(),
-                }),
-                _ => None,
-            };
+            let base = base.map(|(model, weights)| BaseEncoder {
+                weights,
+                input: model.input.0.clone(),
+            });
             run_finetune(ctx, &config, &assignment.dataset_dir, channels, base)
+        }
+        "evaluate" => {
+            let config: EvaluateConfig = serde_json::from_value(assignment.job.config.0.clone())
+                .context("the stored evaluate config is unreadable")?;
+            let (model, weights) =
+                base.ok_or_else(|| PermanentError("an evaluate job needs base_model_id".into()))?;
+            let backbone = Backbone::from_name(&model.backbone)
+                .ok_or_else(|| PermanentError(format!("unknown backbone {}", model.backbone)))?;
+            let source = EncoderSource {
+                backbone,
+                weights,
+                input: model.input.0.clone(),
+            };
+            let evaluation = assignment
+                .evaluation
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("evaluation data missing"))?;
+            ctx.emit(TrainingEvent::Plan {
+                epochs: 1,
+                steps: 1,
+                start_step: 0,
+            });
+            match config.protocol {
+                Protocol::Knn | Protocol::Linear => {
+                    let (_vs, trunk) = load_trunk(&source, ctx.device)?;
+                    let protocols = if config.protocol == Protocol::Knn {
+                        FrozenProtocols::Knn
+                    } else {
+                        FrozenProtocols::Linear
+                    };
+                    let report =
+                        evaluate_frozen(&trunk, &source.input, ctx.device, evaluation, protocols)?;
+                    Ok(TrainingOutcome::Evaluated(report))
+                }
+                Protocol::LabelEfficiency => {
+                    let settings = LabelEfficiencySettings {
+                        labels_per_class: config.labels_per_class.clone(),
+                        label_fractions: config.label_fractions.clone(),
+                        epochs: config.epochs,
+                        batch_size: config.batch_size,
+                        learning_rate: config.learning_rate,
+                        trunk_lr_scale: config.trunk_lr_scale,
+                        weight_decay: config.weight_decay,
+                        seed: config.seed,
+                    };
+                    run_label_efficiency(ctx, &source, evaluation, &settings)
+                }
+            }
         }
         other => anyhow::bail!("unknown job kind `{other}`"),
     }
@@ -203,6 +266,13 @@ impl Worker {
             },
             None => None,
         };
+        let evaluation = match self.evaluation_data(&job, &dataset).await? {
+            Ok(evaluation) => evaluation,
+            Err(reason) => {
+                finish_job(&self.pool, job.id, self.id, &JobEnd::Failed(reason)).await?;
+                return Ok(());
+            }
+        };
         let model_id = Uuid::now_v7();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let stop = StopSignal::default();
@@ -220,6 +290,7 @@ impl Worker {
             dataset_dir: self.storage.dataset_dir(dataset.id),
             base_weights: base.as_ref().map(|b| self.storage.model_weights(b.id)),
             base: base.clone(),
+            evaluation,
             dataset,
             job: job.clone(),
             reply,
@@ -302,6 +373,13 @@ impl Worker {
                     }
                 }
             }
+            Ok(TrainingOutcome::Evaluated(report)) => {
+                progress.step = progress.steps;
+                progress.epoch = progress.epochs;
+                if finish_evaluated(&self.pool, &job, self.id, &report, progress).await? {
+                    tracing::info!(job_id = %job.id, "evaluation succeeded");
+                }
+            }
             Ok(TrainingOutcome::Stopped(StopReason::Cancel)) => {
                 finish_job(&self.pool, job.id, self.id, &JobEnd::Cancelled).await?;
                 self.storage.remove_dir(&self.storage.job_dir(job.id))?;
@@ -318,6 +396,71 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// The labelled data a job evaluates on, or why it cannot run.
+    async fn evaluation_data(
+        &self,
+        job: &Job,
+        dataset: &Dataset,
+    ) -> anyhow::Result<Result<Option<EvaluationData>, String>> {
+        let config = &job.config.0;
+        let seed = config.get("seed").and_then(|v| v.as_i64()).unwrap_or(0);
+        let frozen_defaults = |dataset_dir, test_dataset_dir, test_fraction| EvaluationData {
+            dataset_dir,
+            test_dataset_dir,
+            test_fraction,
+            seed,
+            max_image_pixels: self.settings.max_image_pixels,
+            k: 20,
+            knn_temperature: 0.07,
+            linear_epochs: 100,
+            linear_learning_rate: 0.01,
+        };
+        match job.kind.as_str() {
+            "pretrain" => {
+                let Some(id) = config
+                    .get("eval_dataset_id")
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| s.parse::<Uuid>().ok())
+                else {
+                    return Ok(Ok(None));
+                };
+                if get_dataset(&self.pool, id).await?.is_none() {
+                    return Ok(Err(format!("the evaluation dataset {id} was deleted")));
+                }
+                Ok(Ok(Some(frozen_defaults(
+                    self.storage.dataset_dir(id),
+                    None,
+                    0.2,
+                ))))
+            }
+            "evaluate" => {
+                let config: EvaluateConfig = serde_json::from_value(config.clone())
+                    .context("the stored evaluate config is unreadable")?;
+                let test_dir = match config.test_dataset_id {
+                    Some(id) => {
+                        if get_dataset(&self.pool, id).await?.is_none() {
+                            return Ok(Err(format!("the test dataset {id} was deleted")));
+                        }
+                        Some(self.storage.dataset_dir(id))
+                    }
+                    None => None,
+                };
+                let mut data = frozen_defaults(
+                    self.storage.dataset_dir(dataset.id),
+                    test_dir,
+                    config.test_fraction,
+                );
+                data.k = config.k;
+                data.knn_temperature = config.knn_temperature;
+                data.linear_epochs = config.linear_epochs;
+                data.linear_learning_rate = config.linear_learning_rate;
+                data.seed = config.seed;
+                Ok(Ok(Some(data)))
+            }
+            _ => Ok(Ok(None)),
+        }
     }
 
     /// Writes a training event to the database; `false` if the lease is gone.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Tensor};
 
@@ -36,7 +36,7 @@ pub struct BaseEncoder<'a> {
 }
 
 /// Random crop (after padding) and horizontal flip, per image.
-fn augment(batch: &Tensor, rng: &mut impl Rng) -> Tensor {
+pub(crate) fn augment(batch: &Tensor, rng: &mut impl Rng) -> Tensor {
     let size = batch.size();
     let side = size[2];
     let padded = batch.constant_pad_nd([CROP_PADDING, CROP_PADDING, CROP_PADDING, CROP_PADDING]);
@@ -56,7 +56,7 @@ fn augment(batch: &Tensor, rng: &mut impl Rng) -> Tensor {
 }
 
 /// Mean loss and accuracy of the classifier on `indices`.
-fn evaluate(
+pub(crate) fn evaluate_classifier(
     classify: &dyn Fn(&Tensor) -> Tensor,
     data: &ImageTensorSet,
     indices: &[i64],
@@ -216,11 +216,7 @@ pub fn run_finetune(
             ctx.device,
         );
         if config.augment {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                (config.seed as u64)
-                    .wrapping_add(step as u64)
-                    .wrapping_mul(0x2545_f491_4f6c_dd1d),
-            );
+            let mut rng = super::pretrain::step_rng(config.seed, step);
             images = augment(&images, &mut rng);
         }
         let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
@@ -250,7 +246,7 @@ pub fn run_finetune(
                 } else {
                     &val_i64
                 };
-                let (val_loss, val_accuracy) = evaluate(
+                let (val_loss, val_accuracy) = evaluate_classifier(
                     &|x| classify(x, false),
                     &data,
                     eval_images,
@@ -300,5 +296,6 @@ pub fn run_finetune(
         input,
         metrics: final_metrics,
         pretext_config: None,
+        report: None,
     }))
 }

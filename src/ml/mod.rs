@@ -1,13 +1,14 @@
-//! LibTorch models and everything that runs them: backbones, the jigsaw
-//! pretext task, the training loops for pretraining and fine-tuning,
+//! LibTorch models and everything that runs them: backbones, the pretext
+//! tasks, the training loops for pretraining and fine-tuning,
 //! checkpoints, and inference. Code in here runs only on dedicated OS threads
 //! that own their tensors; async code talks to it through channels.
 
 pub mod backbone;
 pub mod checkpoint;
 pub mod device;
+pub mod evaluate;
 pub mod finetune;
 pub mod inference;
-pub mod jigsaw;
+pub mod pretext;
 pub mod pretrain;
 pub mod training;

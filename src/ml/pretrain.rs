@@ -1,5 +1,7 @@
-//! The pretraining loop: a context-free network learns to solve jigsaw
-//! puzzles cut from the dataset's images; the trunk becomes an encoder.
+//! The pretraining loop: a trunk and a pretext head learn a task whose
+//! answers come free from the images; the trunk becomes an encoder. When the
+//! job names a labelled evaluation dataset, the encoder is evaluated (kNN and
+//! linear probe) before the job ends.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,9 +12,9 @@ use rand::SeedableRng;
 use tch::nn::{self, OptimizerConfig};
 use tch::Tensor;
 
-use super::backbone::features;
 use super::checkpoint::{save_model_weights, CheckpointState, JobCheckpoint};
-use super::jigsaw::{make_puzzles, JigsawHead, JigsawPermutationSet, PuzzleShape};
+use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
+use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
     cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
     TrainingContext, TrainingEvent, TrainingOutcome,
@@ -20,8 +22,6 @@ use super::training::{
 use crate::data::loader::load_image_set;
 use crate::jobs::config::PretrainConfig;
 
-/// Prefix of the variables that belong to the pretext head, not the trunk.
-const HEAD_PREFIX: &str = "jigsaw.";
 /// Optimizer steps between two metric reports.
 const REPORT_EVERY: i64 = 10;
 
@@ -35,12 +35,22 @@ pub fn epoch_order(len: usize, seed: i64, epoch: i64) -> Vec<i64> {
     order
 }
 
-/// Runs (or resumes) a jigsaw pretraining job on the dataset in `dataset_dir`.
+/// A generator for the randomness of one step, reproducible after a resume.
+pub fn step_rng(seed: i64, step: i64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        (seed as u64)
+            .wrapping_add(step as u64)
+            .wrapping_mul(0x2545_f491_4f6c_dd1d),
+    )
+}
+
+/// Runs (or resumes) a pretraining job on the dataset in `dataset_dir`.
 pub fn run_pretrain(
     ctx: &TrainingContext,
     config: &PretrainConfig,
     dataset_dir: &Path,
     channels: u8,
+    evaluation: Option<EvaluationData>,
 ) -> anyhow::Result<TrainingOutcome> {
     let data = load_image_set(
         dataset_dir,
@@ -50,29 +60,13 @@ pub fn run_pretrain(
     )
     .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
     let (mean, std) = data.channel_stats();
-    let permutations = JigsawPermutationSet::generate(
-        config.grid,
-        config.num_permutations as usize,
-        config.permutation_seed as u64,
-    );
-    let shape = PuzzleShape {
-        grid: config.grid,
-        tile_size: config.tile_size,
-        grayscale_probability: config.grayscale_probability,
-        channel_jitter: config.channel_jitter,
-    };
 
     // Reproducible initialisation (and dropout) for a given seed.
     tch::manual_seed(config.seed);
     let vs = nn::VarStore::new(ctx.device);
     let root = vs.root();
     let trunk = config.backbone.build(&root, channels as i64);
-    let head = JigsawHead::new(
-        &(&root / "jigsaw"),
-        config.backbone.feature_dim(),
-        permutations.tiles(),
-        permutations.permutations.len() as i64,
-    );
+    let task = PretextTask::build(&(&root / HEAD_PATH), config, config.backbone.feature_dim());
     let mut optimizer = nn::AdamW {
         wd: config.weight_decay,
         ..Default::default()
@@ -94,11 +88,11 @@ pub fn run_pretrain(
     });
 
     let mut means = RunningMeans::default();
-    let mut epoch_accuracy = RunningMeans::default();
+    let mut epoch_means = RunningMeans::default();
     let mut last_checkpoint = Instant::now();
     let mut order = Vec::new();
     let mut order_epoch = -1;
-    let mut final_accuracy = None;
+    let mut final_means = Vec::new();
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
         if epoch != order_epoch {
@@ -108,28 +102,20 @@ pub fn run_pretrain(
         let within = (step % steps_per_epoch) as usize;
         let indices = Tensor::from_slice(&order[within * batch_size..(within + 1) * batch_size]);
         let images = data.images.index_select(0, &indices);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            (config.seed as u64)
-                .wrapping_add(step as u64)
-                .wrapping_mul(0x2545_f491_4f6c_dd1d),
-        );
-        let (tiles, labels) = make_puzzles(&images, &permutations, shape, &mut rng);
-        let tiles = tiles.to_device(ctx.device);
-        let labels = labels.to_device(ctx.device);
-        let dims = tiles.size();
-        let flat = tiles.view([dims[0] * dims[1], dims[2], dims[3], dims[4]]);
-        let logits = head.forward_t(&features(&trunk, &flat, true), true);
-        let loss = logits.cross_entropy_for_logits(&labels);
+        let mut rng = step_rng(config.seed, step);
+        let (loss, accuracy) = task.step(&trunk, &images, (&mean, &std), ctx.device, &mut rng);
         let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
         optimizer.set_lr(learning_rate);
         optimizer.backward_step(&loss);
 
-        let accuracy = f64::try_from(logits.accuracy_for_logits(&labels))?;
-        means.add("loss", f64::try_from(&loss)?);
+        let loss = f64::try_from(&loss)?;
+        let accuracy = f64::try_from(&accuracy)?;
+        means.add("loss", loss);
         means.add("pretext_accuracy", accuracy);
         means.add("learning_rate", learning_rate);
         means.add_images(batch_size as u64);
-        epoch_accuracy.add("pretext_accuracy", accuracy);
+        epoch_means.add("loss", loss);
+        epoch_means.add("pretext_accuracy", accuracy);
 
         let done = step + 1;
         let epoch_end = done % steps_per_epoch == 0 || done == total_steps;
@@ -141,11 +127,7 @@ pub fn run_pretrain(
             });
         }
         if epoch_end {
-            final_accuracy = epoch_accuracy
-                .drain()
-                .into_iter()
-                .find(|(n, _)| n == "pretext_accuracy")
-                .map(|(_, v)| v);
+            final_means = epoch_means.drain();
         }
         let stop = ctx.stop.requested();
         if stop == Some(StopReason::Cancel) {
@@ -162,37 +144,52 @@ pub fn run_pretrain(
         }
     }
 
+    let input = InputSpec {
+        image_size: config.image_size as u32,
+        channels,
+        mean,
+        std,
+    };
+    let head_prefix = format!("{HEAD_PATH}.");
     save_model_weights(&vs, &ctx.model_weights, |name| {
-        !name.starts_with(HEAD_PREFIX)
+        !name.starts_with(&head_prefix)
     })?;
-    let mut metrics = BTreeMap::new();
-    if let Some(accuracy) = final_accuracy {
-        metrics.insert("pretext_accuracy".to_string(), accuracy);
-    }
+    let mut metrics: BTreeMap<String, f64> = final_means
+        .into_iter()
+        .filter(|(name, _)| name == "pretext_accuracy" || name == "loss")
+        .map(|(name, value)| {
+            if name == "loss" {
+                ("pretext_loss".to_string(), value)
+            } else {
+                (name, value)
+            }
+        })
+        .collect();
     metrics.insert(
         "chance_accuracy".to_string(),
-        1.0 / permutations.permutations.len() as f64,
+        task.chance_accuracy(batch_size),
     );
+    let mut report = None;
+    if let Some(evaluation) = evaluation {
+        let frozen: EvaluationReport = evaluate_frozen(
+            &trunk,
+            &input,
+            ctx.device,
+            &evaluation,
+            FrozenProtocols::KnnAndLinear,
+        )?;
+        metrics.extend(frozen.summary.clone());
+        report = Some(frozen);
+    }
     Ok(TrainingOutcome::Finished(ModelArtifact {
         kind: "encoder",
         backbone: config.backbone.name(),
-        pretext: Some(config.pretext.clone()),
+        pretext: Some(config.pretext.name().to_string()),
         classes: Vec::new(),
         embedding_dim: config.backbone.feature_dim(),
-        input: InputSpec {
-            image_size: config.image_size as u32,
-            channels,
-            mean,
-            std,
-        },
+        input,
         metrics,
-        pretext_config: Some(serde_json::json!({
-            "grid": config.grid,
-            "tile_size": config.tile_size,
-            "num_permutations": permutations.permutations.len(),
-            "permutation_seed": config.permutation_seed,
-            "min_hamming_distance": permutations.minimum_distance(),
-            "permutations": permutations.permutations,
-        })),
+        pretext_config: Some(task.describe()),
+        report,
     }))
 }

@@ -104,12 +104,16 @@ pub struct ModelArtifact {
     pub input: InputSpec,
     pub metrics: BTreeMap<String, f64>,
     pub pretext_config: Option<serde_json::Value>,
+    /// Evaluation run at the end of the job, if it asked for one.
+    pub report: Option<super::evaluate::EvaluationReport>,
 }
 
 /// How a loop ended.
 #[derive(Debug)]
 pub enum TrainingOutcome {
     Finished(ModelArtifact),
+    /// An evaluation job's results (no new model).
+    Evaluated(super::evaluate::EvaluationReport),
     Stopped(StopReason),
 }
 

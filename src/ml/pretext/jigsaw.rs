@@ -128,44 +128,34 @@ pub struct PuzzleShape {
     pub channel_jitter: f64,
 }
 
-/// Builds a batch of puzzles from uint8 images `[B, C, S, S]`: returns tiles
-/// `[B, T, C, t, t]` (float, normalised per tile) and permutation indices `[B]`.
-pub fn make_puzzles(
-    images: &Tensor,
-    permutations: &JigsawPermutationSet,
-    shape: PuzzleShape,
-    rng: &mut impl Rng,
-) -> (Tensor, Tensor) {
-    let size = images.size();
-    let (batch, channels, side) = (size[0], size[1], size[2]);
+/// Cuts one randomly shifted `tile_size` tile from each cell of a random
+/// `grid × grid` crop of `image` (`[C, S, S]`, float), in row-major order.
+pub fn cut_tiles(image: &Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> Vec<Tensor> {
+    let side = image.size()[1];
     let grid = shape.grid;
     let cell = side / grid;
     let crop = cell * grid;
     let t = shape.tile_size;
-    let pixels = images.to_kind(Kind::Float) / 255.0;
-    let mut puzzles = Vec::with_capacity(batch as usize);
-    let mut labels = Vec::with_capacity(batch as usize);
-    for b in 0..batch {
-        let image = pixels.get(b);
-        let oy = rng.gen_range(0..=side - crop);
-        let ox = rng.gen_range(0..=side - crop);
-        let tiles: Vec<Tensor> = (0..grid * grid)
-            .map(|k| {
-                let (row, col) = (k / grid, k % grid);
-                let y = oy + row * cell + rng.gen_range(0..=cell - t);
-                let x = ox + col * cell + rng.gen_range(0..=cell - t);
-                image.narrow(1, y, t).narrow(2, x, t)
-            })
-            .collect();
-        let label = rng.gen_range(0..permutations.permutations.len());
-        let order = &permutations.permutations[label];
-        let shuffled: Vec<&Tensor> = order.iter().map(|&k| &tiles[k as usize]).collect();
-        puzzles.push(Tensor::stack(&shuffled, 0));
-        labels.push(label as i64);
-    }
-    let mut tiles = Tensor::stack(&puzzles, 0);
+    let oy = rng.gen_range(0..=side - crop);
+    let ox = rng.gen_range(0..=side - crop);
+    (0..grid * grid)
+        .map(|k| {
+            let (row, col) = (k / grid, k % grid);
+            let y = oy + row * cell + rng.gen_range(0..=cell - t);
+            let x = ox + col * cell + rng.gen_range(0..=cell - t);
+            image.narrow(1, y, t).narrow(2, x, t)
+        })
+        .collect()
+}
+
+/// Applies the colour shortcuts' remedies to tiles `[B, T, C, t, t]` (each
+/// puzzle grey with some probability, else its channels scaled and shifted),
+/// then normalises every tile by its own mean and standard deviation.
+pub fn colour_and_normalise(tiles: Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> Tensor {
+    let size = tiles.size();
+    let (batch, channels) = (size[0], size[2]);
+    let mut tiles = tiles;
     if channels == 3 {
-        // Per image: grey with some probability, else each channel scaled and shifted.
         let gray_mask: Vec<f32> = (0..batch)
             .map(|_| f32::from(rng.gen_bool(shape.grayscale_probability)))
             .collect();
@@ -176,9 +166,16 @@ pub fn make_puzzles(
             scale.push(1.0 + rng.gen_range(-1.0..=1.0f32) * jitter);
             shift.push(rng.gen_range(-1.0..=1.0f32) * jitter);
         }
-        let gray_mask = Tensor::from_slice(&gray_mask).view([batch, 1, 1, 1, 1]);
-        let scale = Tensor::from_slice(&scale).view([batch, 1, 3, 1, 1]);
-        let shift = Tensor::from_slice(&shift).view([batch, 1, 3, 1, 1]);
+        let device = tiles.device();
+        let gray_mask = Tensor::from_slice(&gray_mask)
+            .view([batch, 1, 1, 1, 1])
+            .to_device(device);
+        let scale = Tensor::from_slice(&scale)
+            .view([batch, 1, 3, 1, 1])
+            .to_device(device);
+        let shift = Tensor::from_slice(&shift)
+            .view([batch, 1, 3, 1, 1])
+            .to_device(device);
         let gray = tiles
             .mean_dim(&[2i64][..], true, Kind::Float)
             .expand_as(&tiles);
@@ -187,7 +184,30 @@ pub fn make_puzzles(
     }
     let mean = tiles.mean_dim(&[2i64, 3, 4][..], true, Kind::Float);
     let std = tiles.std_dim(&[2i64, 3, 4][..], false, true);
-    let tiles = (tiles - mean) / (std + 1e-3);
+    (tiles - mean) / (std + 1e-3)
+}
+
+/// Builds a batch of puzzles from uint8 images `[B, C, S, S]`: returns tiles
+/// `[B, T, C, t, t]` (float, normalised per tile) and permutation indices `[B]`.
+pub fn make_puzzles(
+    images: &Tensor,
+    permutations: &JigsawPermutationSet,
+    shape: PuzzleShape,
+    rng: &mut impl Rng,
+) -> (Tensor, Tensor) {
+    let batch = images.size()[0];
+    let pixels = images.to_kind(Kind::Float) / 255.0;
+    let mut puzzles = Vec::with_capacity(batch as usize);
+    let mut labels = Vec::with_capacity(batch as usize);
+    for b in 0..batch {
+        let tiles = cut_tiles(&pixels.get(b), shape, rng);
+        let label = rng.gen_range(0..permutations.permutations.len());
+        let order = &permutations.permutations[label];
+        let shuffled: Vec<&Tensor> = order.iter().map(|&k| &tiles[k as usize]).collect();
+        puzzles.push(Tensor::stack(&shuffled, 0));
+        labels.push(label as i64);
+    }
+    let tiles = colour_and_normalise(Tensor::stack(&puzzles, 0), shape, rng);
     (tiles, Tensor::from_slice(&labels))
 }
 

@@ -1,0 +1,609 @@
+//! Evaluating representations the way the field does: k-nearest-neighbour
+//! accuracy and a linear probe on frozen embeddings, and the label-efficiency
+//! protocol (fine-tune from the pretrained encoder and from scratch on the
+//! same label budgets, same seeds, same epochs, and report the gain).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::backbone::{features, Backbone};
+use super::checkpoint::load_vars;
+use super::finetune::{augment, evaluate_classifier};
+use super::pretrain::{epoch_order, step_rng};
+use super::training::{
+    cosine_learning_rate, InputSpec, PermanentError, StopReason, TrainingContext, TrainingEvent,
+    TrainingOutcome,
+};
+use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
+use crate::data::split::{apply_budget, stratified_split, LabelBudget};
+
+/// Images per forward pass when embedding.
+const EMBED_BATCH: i64 = 256;
+/// Test rows compared at once in kNN.
+const KNN_CHUNK: i64 = 1024;
+
+/// Where the labelled images come from and the settings of each protocol.
+#[derive(Debug, Clone)]
+pub struct EvaluationData {
+    pub dataset_dir: PathBuf,
+    /// A separate labelled test set; else `test_fraction` of the dataset, stratified.
+    pub test_dataset_dir: Option<PathBuf>,
+    pub test_fraction: f64,
+    pub seed: i64,
+    pub max_image_pixels: u64,
+    pub k: i64,
+    pub knn_temperature: f64,
+    pub linear_epochs: i64,
+    pub linear_learning_rate: f64,
+}
+
+/// Which frozen-embedding protocols to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrozenProtocols {
+    Knn,
+    Linear,
+    KnnAndLinear,
+}
+
+/// A protocol's results as a table, plus the headline numbers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvaluationReport {
+    pub protocol: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<serde_json::Value>,
+    /// Headline numbers, merged into the model's and the job's metrics.
+    pub summary: BTreeMap<String, f64>,
+    pub train_images: usize,
+    pub test_images: usize,
+}
+
+/// Labelled images split into train and test, labels aligned on one class list.
+pub struct LabelledSplit {
+    pub data: ImageTensorSet,
+    pub train: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+/// Loads the evaluation images at the model's input size.
+pub fn load_split(evaluation: &EvaluationData, input: &InputSpec) -> anyhow::Result<LabelledSplit> {
+    let load = |dir: &Path| {
+        load_image_set(
+            dir,
+            input.image_size,
+            input.channels,
+            evaluation.max_image_pixels,
+        )
+        .map_err(|e| PermanentError(format!("the evaluation dataset could not be loaded: {e:#}")))
+    };
+    let mut data = load(&evaluation.dataset_dir)?;
+    if data.classes.is_empty() {
+        return Err(PermanentError("the evaluation dataset has no labels".into()).into());
+    }
+    let num_classes = data.classes.len();
+    match &evaluation.test_dataset_dir {
+        None => {
+            let (train, test) = stratified_split(
+                &data.labels,
+                num_classes,
+                evaluation.test_fraction,
+                evaluation.seed as u64,
+            );
+            if test.is_empty() {
+                return Err(PermanentError(
+                    "the test split is empty; raise config.test_fraction or give test_dataset_id"
+                        .into(),
+                )
+                .into());
+            }
+            Ok(LabelledSplit { data, train, test })
+        }
+        Some(dir) => {
+            let test = load(dir)?;
+            let mut labels = Vec::with_capacity(test.len());
+            for &label in &test.labels {
+                let name = &test.classes[label as usize];
+                let index = data.classes.iter().position(|c| c == name).ok_or_else(|| {
+                    PermanentError(format!(
+                        "the test dataset's class `{name}` is not a class of the dataset"
+                    ))
+                })?;
+                labels.push(index as i64);
+            }
+            let n_train = data.len();
+            let train: Vec<usize> = (0..n_train).collect();
+            let test_idx: Vec<usize> = (n_train..n_train + test.len()).collect();
+            data.images = Tensor::cat(&[&data.images, &test.images], 0);
+            data.labels.extend(labels);
+            Ok(LabelledSplit {
+                data,
+                train,
+                test: test_idx,
+            })
+        }
+    }
+}
+
+/// Pooled trunk features of uint8 images `[N, C, S, S]`, on the CPU.
+pub fn embed_all(
+    trunk: &nn::FuncT<'static>,
+    images: &Tensor,
+    input: &InputSpec,
+    device: Device,
+) -> Tensor {
+    tch::no_grad(|| {
+        let n = images.size()[0];
+        let chunks: Vec<Tensor> = (0..n)
+            .step_by(EMBED_BATCH as usize)
+            .map(|start| {
+                let batch = images.narrow(0, start, EMBED_BATCH.min(n - start));
+                features(
+                    trunk,
+                    &normalise(&batch, &input.mean, &input.std, device),
+                    false,
+                )
+                .to_device(Device::Cpu)
+            })
+            .collect();
+        Tensor::cat(&chunks, 0)
+    })
+}
+
+fn l2_normalise(x: &Tensor) -> Tensor {
+    x / x
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12)
+}
+
+/// Frozen embeddings of a train and a test split, with their labels.
+pub struct LabelledFeatures<'a> {
+    pub train: &'a Tensor,
+    pub train_labels: &'a Tensor,
+    pub test: &'a Tensor,
+    pub test_labels: &'a Tensor,
+    pub num_classes: i64,
+}
+
+/// Weighted k-nearest-neighbour accuracy (cosine similarity, votes weighted
+/// by `exp(similarity / temperature)`).
+pub fn knn_accuracy(features: &LabelledFeatures, k: i64, temperature: f64) -> f64 {
+    let LabelledFeatures {
+        train,
+        train_labels,
+        test,
+        test_labels,
+        num_classes,
+    } = *features;
+    tch::no_grad(|| {
+        let train = l2_normalise(&train.to_kind(Kind::Float));
+        let test = l2_normalise(&test.to_kind(Kind::Float));
+        let k = k.min(train.size()[0]).max(1);
+        let n = test.size()[0];
+        let mut correct = 0i64;
+        for start in (0..n).step_by(KNN_CHUNK as usize) {
+            let rows = KNN_CHUNK.min(n - start);
+            let similarity = test.narrow(0, start, rows).matmul(&train.transpose(0, 1));
+            let (top, indices) = similarity.topk(k, 1, true, true);
+            let neighbour_labels = train_labels
+                .index_select(0, &indices.flatten(0, -1))
+                .view([rows, k]);
+            let weights = (top / temperature).exp();
+            let votes = Tensor::zeros([rows, num_classes], (Kind::Float, Device::Cpu)).scatter_add(
+                1,
+                &neighbour_labels,
+                &weights,
+            );
+            let predicted = votes.argmax(1, false);
+            correct += i64::try_from(
+                predicted
+                    .eq_tensor(&test_labels.narrow(0, start, rows))
+                    .sum(Kind::Int64),
+            )
+            .unwrap_or(0);
+        }
+        correct as f64 / n.max(1) as f64
+    })
+}
+
+/// Test accuracy of a linear classifier trained on frozen features
+/// (standardised with the train set's statistics).
+pub fn linear_probe_accuracy(
+    features: &LabelledFeatures,
+    epochs: i64,
+    learning_rate: f64,
+    seed: i64,
+) -> anyhow::Result<f64> {
+    let LabelledFeatures {
+        train,
+        train_labels,
+        test,
+        test_labels,
+        num_classes,
+    } = *features;
+    let mean = train.mean_dim(&[0i64][..], true, Kind::Float);
+    let std = train.std_dim(&[0i64][..], false, true).clamp_min(1e-6);
+    let train = ((train - &mean) / &std).detach();
+    let test = ((test - &mean) / &std).detach();
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let probe = nn::linear(
+        vs.root() / "probe",
+        train.size()[1],
+        num_classes,
+        Default::default(),
+    );
+    let mut optimizer = nn::AdamW {
+        wd: 1e-4,
+        ..Default::default()
+    }
+    .build(&vs, learning_rate)?;
+    let n = train.size()[0] as usize;
+    let batch = 256.min(n).max(1);
+    let steps_per_epoch = n.div_ceil(batch) as i64;
+    let total = epochs * steps_per_epoch;
+    for step in 0..total {
+        let epoch = step / steps_per_epoch;
+        let order = epoch_order(n, seed, epoch);
+        let within = (step % steps_per_epoch) as usize;
+        let chunk = &order[within * batch..((within + 1) * batch).min(n)];
+        let idx = Tensor::from_slice(chunk);
+        let logits = probe.forward(&train.index_select(0, &idx));
+        let loss = logits.cross_entropy_for_logits(&train_labels.index_select(0, &idx));
+        optimizer.set_lr(cosine_learning_rate(learning_rate, step, total));
+        optimizer.backward_step(&loss);
+    }
+    let accuracy = tch::no_grad(|| probe.forward(&test).accuracy_for_logits(test_labels));
+    Ok(f64::try_from(accuracy)?)
+}
+
+fn labels_tensor(split: &LabelledSplit, indices: &[usize]) -> Tensor {
+    let labels: Vec<i64> = indices.iter().map(|&i| split.data.labels[i]).collect();
+    Tensor::from_slice(&labels)
+}
+
+fn index_tensor(indices: &[usize]) -> Tensor {
+    let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    Tensor::from_slice(&idx)
+}
+
+/// kNN and/or linear-probe accuracy of a trunk on a labelled split.
+pub fn evaluate_frozen(
+    trunk: &nn::FuncT<'static>,
+    input: &InputSpec,
+    device: Device,
+    evaluation: &EvaluationData,
+    protocols: FrozenProtocols,
+) -> anyhow::Result<EvaluationReport> {
+    let split = load_split(evaluation, input)?;
+    let num_classes = split.data.classes.len() as i64;
+    let embeddings = embed_all(trunk, &split.data.images, input, device);
+    let train = embeddings.index_select(0, &index_tensor(&split.train));
+    let test = embeddings.index_select(0, &index_tensor(&split.test));
+    let (train_labels, test_labels) = (
+        labels_tensor(&split, &split.train),
+        labels_tensor(&split, &split.test),
+    );
+    let mut summary = BTreeMap::new();
+    let mut row = serde_json::Map::new();
+    let mut columns = vec!["train_images".to_string(), "test_images".to_string()];
+    row.insert("train_images".into(), split.train.len().into());
+    row.insert("test_images".into(), split.test.len().into());
+    let labelled = LabelledFeatures {
+        train: &train,
+        train_labels: &train_labels,
+        test: &test,
+        test_labels: &test_labels,
+        num_classes,
+    };
+    if protocols != FrozenProtocols::Linear {
+        let accuracy = knn_accuracy(&labelled, evaluation.k, evaluation.knn_temperature);
+        summary.insert("knn_accuracy".to_string(), accuracy);
+        columns.extend(["k".to_string(), "knn_accuracy".to_string()]);
+        row.insert("k".into(), evaluation.k.into());
+        row.insert("knn_accuracy".into(), accuracy.into());
+    }
+    if protocols != FrozenProtocols::Knn {
+        let accuracy = linear_probe_accuracy(
+            &labelled,
+            evaluation.linear_epochs,
+            evaluation.linear_learning_rate,
+            evaluation.seed,
+        )?;
+        summary.insert("linear_accuracy".to_string(), accuracy);
+        columns.push("linear_accuracy".to_string());
+        row.insert("linear_accuracy".into(), accuracy.into());
+    }
+    let protocol = match protocols {
+        FrozenProtocols::Knn => "knn",
+        FrozenProtocols::Linear => "linear",
+        FrozenProtocols::KnnAndLinear => "knn+linear",
+    };
+    Ok(EvaluationReport {
+        protocol: protocol.to_string(),
+        columns,
+        rows: vec![serde_json::Value::Object(row)],
+        summary,
+        train_images: split.train.len(),
+        test_images: split.test.len(),
+    })
+}
+
+/// The encoder under evaluation.
+pub struct EncoderSource<'a> {
+    pub backbone: Backbone,
+    pub weights: &'a Path,
+    pub input: InputSpec,
+}
+
+/// Loads an encoder's trunk for frozen evaluation.
+pub fn load_trunk(
+    source: &EncoderSource,
+    device: Device,
+) -> anyhow::Result<(nn::VarStore, nn::FuncT<'static>)> {
+    let vs = nn::VarStore::new(device);
+    let trunk = source
+        .backbone
+        .build(&vs.root(), source.input.channels as i64);
+    load_vars(&vs, source.weights, |name| !name.starts_with("fc."))
+        .context("Failed to load the encoder")?;
+    Ok((vs, trunk))
+}
+
+/// Settings of the fine-tuning runs of the label-efficiency protocol.
+#[derive(Debug, Clone)]
+pub struct LabelEfficiencySettings {
+    pub labels_per_class: Vec<i64>,
+    pub label_fractions: Vec<f64>,
+    pub epochs: i64,
+    pub batch_size: i64,
+    pub learning_rate: f64,
+    pub trunk_lr_scale: f64,
+    pub weight_decay: f64,
+    pub seed: i64,
+}
+
+/// Trains one classifier on `train` for the protocol; returns its test accuracy,
+/// or `None` when the job was asked to stop.
+#[allow(clippy::too_many_arguments)]
+fn fit_and_test(
+    ctx: &TrainingContext,
+    source: &EncoderSource,
+    pretrained: bool,
+    split: &LabelledSplit,
+    train: &[usize],
+    settings: &LabelEfficiencySettings,
+    step_offset: &mut i64,
+) -> anyhow::Result<Option<f64>> {
+    let input = &source.input;
+    let num_classes = split.data.classes.len() as i64;
+    tch::manual_seed(settings.seed);
+    let vs = nn::VarStore::new(ctx.device);
+    let root = vs.root();
+    let trunk = source
+        .backbone
+        .build(&root.set_group(0), input.channels as i64);
+    let fc = nn::linear(
+        root.set_group(1) / "fc",
+        source.backbone.feature_dim(),
+        num_classes,
+        Default::default(),
+    );
+    if pretrained {
+        load_vars(&vs, source.weights, |name| !name.starts_with("fc."))
+            .context("Failed to load the encoder")?;
+    }
+    let mut optimizer = nn::AdamW {
+        wd: settings.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, settings.learning_rate)?;
+    let batch = (settings.batch_size as usize).min(train.len()).max(1);
+    let steps_per_epoch = (train.len() / batch).max(1) as i64;
+    let total = settings.epochs * steps_per_epoch;
+    for step in 0..total {
+        if ctx.stop.requested().is_some() {
+            return Ok(None);
+        }
+        let epoch = step / steps_per_epoch;
+        let order = epoch_order(train.len(), settings.seed, epoch);
+        let within = (step % steps_per_epoch) as usize;
+        let chunk: Vec<i64> = order[within * batch..(within + 1) * batch]
+            .iter()
+            .map(|&k| train[k as usize] as i64)
+            .collect();
+        let images = normalise(
+            &split
+                .data
+                .images
+                .index_select(0, &Tensor::from_slice(&chunk)),
+            &input.mean,
+            &input.std,
+            ctx.device,
+        );
+        let images = augment(&images, &mut step_rng(settings.seed, step));
+        let labels: Vec<i64> = chunk
+            .iter()
+            .map(|&i| split.data.labels[i as usize])
+            .collect();
+        let labels = Tensor::from_slice(&labels).to_device(ctx.device);
+        let loss = fc
+            .forward(&features(&trunk, &images, true))
+            .cross_entropy_for_logits(&labels);
+        let lr = cosine_learning_rate(settings.learning_rate, step, total);
+        optimizer.set_lr_group(1, lr);
+        optimizer.set_lr_group(0, lr * settings.trunk_lr_scale);
+        optimizer.backward_step(&loss);
+        *step_offset += 1;
+    }
+    let test: Vec<i64> = split.test.iter().map(|&i| i as i64).collect();
+    let (_, accuracy) = evaluate_classifier(
+        &|x| fc.forward(&features(&trunk, x, false)),
+        &split.data,
+        &test,
+        input,
+        ctx.device,
+    );
+    Ok(Some(accuracy))
+}
+
+/// The label-efficiency protocol: for every budget, fine-tune from the
+/// pretrained encoder and from scratch with the same labels, seeds and
+/// epochs, and report both test accuracies and the gain.
+pub fn run_label_efficiency(
+    ctx: &TrainingContext,
+    source: &EncoderSource,
+    evaluation: &EvaluationData,
+    settings: &LabelEfficiencySettings,
+) -> anyhow::Result<TrainingOutcome> {
+    let split = load_split(evaluation, &source.input)?;
+    let num_classes = split.data.classes.len();
+    let mut budgets: Vec<(String, LabelBudget)> = settings
+        .labels_per_class
+        .iter()
+        .map(|&k| (format!("{k} per class"), LabelBudget::PerClass(k as usize)))
+        .collect();
+    budgets.extend(
+        settings
+            .label_fractions
+            .iter()
+            .map(|&f| (format!("{}%", f * 100.0), LabelBudget::Fraction(f))),
+    );
+    let subsets: Vec<(String, Vec<usize>)> = budgets
+        .into_iter()
+        .map(|(name, budget)| {
+            (
+                name,
+                apply_budget(
+                    &split.train,
+                    &split.data.labels,
+                    num_classes,
+                    budget,
+                    settings.seed as u64,
+                ),
+            )
+        })
+        .collect();
+    let planned: i64 = subsets
+        .iter()
+        .map(|(_, s)| {
+            2 * settings.epochs
+                * (s.len() / (settings.batch_size as usize).min(s.len()).max(1)).max(1) as i64
+        })
+        .sum();
+    ctx.emit(TrainingEvent::Plan {
+        epochs: settings.epochs,
+        steps: planned,
+        start_step: 0,
+    });
+    let mut rows = Vec::new();
+    let mut summary = BTreeMap::new();
+    let mut steps_done = 0i64;
+    for (name, subset) in &subsets {
+        let mut accuracies = [0.0; 2];
+        for (slot, pretrained) in [(0, true), (1, false)] {
+            match fit_and_test(
+                ctx,
+                source,
+                pretrained,
+                &split,
+                subset,
+                settings,
+                &mut steps_done,
+            )? {
+                Some(accuracy) => accuracies[slot] = accuracy,
+                None => {
+                    let reason = ctx.stop.requested().unwrap_or(StopReason::Release);
+                    return Ok(TrainingOutcome::Stopped(reason));
+                }
+            }
+        }
+        let [pretrained, scratch] = accuracies;
+        let key = name.replace(' ', "_").replace('%', "pct");
+        summary.insert(format!("label_efficiency_gain_{key}"), pretrained - scratch);
+        ctx.emit(TrainingEvent::Report {
+            epoch: settings.epochs,
+            step: steps_done,
+            metrics: vec![
+                (format!("pretrained_accuracy_{key}"), pretrained),
+                (format!("scratch_accuracy_{key}"), scratch),
+            ],
+        });
+        rows.push(serde_json::json!({
+            "budget": name,
+            "labels": subset.len(),
+            "pretrained_accuracy": pretrained,
+            "scratch_accuracy": scratch,
+            "gain": pretrained - scratch,
+        }));
+    }
+    Ok(TrainingOutcome::Evaluated(EvaluationReport {
+        protocol: "label_efficiency".to_string(),
+        columns: [
+            "budget",
+            "labels",
+            "pretrained_accuracy",
+            "scratch_accuracy",
+            "gain",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        summary,
+        train_images: split.train.len(),
+        test_images: split.test.len(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three well separated clusters with a little noise.
+    fn clusters(per_class: i64, seed: i64) -> (Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let centres =
+            Tensor::from_slice(&[5.0f32, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 5.0]).view([3, 3]);
+        let labels = Tensor::arange(3, (Kind::Int64, Device::Cpu))
+            .repeat_interleave_self_int(per_class, 0, None);
+        let points = centres.index_select(0, &labels)
+            + Tensor::randn([3 * per_class, 3], (Kind::Float, Device::Cpu));
+        (points, labels)
+    }
+
+    #[test]
+    fn knn_and_linear_probe_separate_known_clusters() {
+        let (train, train_labels) = clusters(30, 1);
+        let (test, test_labels) = clusters(20, 2);
+        let features = LabelledFeatures {
+            train: &train,
+            train_labels: &train_labels,
+            test: &test,
+            test_labels: &test_labels,
+            num_classes: 3,
+        };
+        let knn = knn_accuracy(&features, 5, 0.07);
+        assert!(knn > 0.95, "{knn}");
+        let linear = linear_probe_accuracy(&features, 50, 0.05, 0).unwrap();
+        assert!(linear > 0.95, "{linear}");
+    }
+
+    #[test]
+    fn knn_is_at_chance_on_shuffled_labels() {
+        let (train, _) = clusters(30, 3);
+        let (test, test_labels) = clusters(30, 4);
+        let random = Tensor::randint(3, [90], (Kind::Int64, Device::Cpu));
+        let features = LabelledFeatures {
+            train: &train,
+            train_labels: &random,
+            test: &test,
+            test_labels: &test_labels,
+            num_classes: 3,
+        };
+        let knn = knn_accuracy(&features, 5, 0.07);
+        assert!(knn < 0.6, "{knn}");
+    }
+}

@@ -1,0 +1,70 @@
+//! Context prediction (Doersch, Gupta & Efros, ICCV 2015): a patch and one of
+//! its eight neighbours, cut with gaps and jitter from a 3×3 grid, go through
+//! the same trunk; a head on both feature vectors says where the neighbour
+//! sits. The same shortcut remedies as the jigsaw task apply (gaps, per-patch
+//! normalisation, colour dropping).
+
+use rand::Rng;
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use super::jigsaw::{colour_and_normalise, cut_tiles, PuzzleShape};
+
+/// The cells around the centre of a 3×3 grid, in row-major order.
+const NEIGHBOURS: [usize; 8] = [0, 1, 2, 3, 5, 6, 7, 8];
+const CENTRE: usize = 4;
+/// Width of the joint fc layer.
+const JOINT_FC: i64 = 512;
+
+/// The eight-way position classifier over a pair of patch features.
+#[derive(Debug)]
+pub struct RelativePositionHead {
+    joint_fc: nn::Linear,
+    classifier: nn::Linear,
+}
+
+impl RelativePositionHead {
+    /// Builds the head under `p`.
+    pub fn new(p: &nn::Path, feature_dim: i64) -> Self {
+        Self {
+            joint_fc: nn::linear(
+                p / "joint_fc",
+                2 * feature_dim,
+                JOINT_FC,
+                Default::default(),
+            ),
+            classifier: nn::linear(p / "classifier", JOINT_FC, 8, Default::default()),
+        }
+    }
+
+    /// Position logits `[B, 8]` from patch features `[2B, D]` (pairs adjacent).
+    pub fn forward_t(&self, features: &Tensor, train: bool) -> Tensor {
+        let batch = features.size()[0] / 2;
+        features
+            .view([batch, -1])
+            .apply(&self.joint_fc)
+            .relu()
+            .dropout(0.5, train)
+            .apply(&self.classifier)
+    }
+}
+
+/// Pairs `[B, 2, C, t, t]` (centre first) and neighbour positions `[B]` from
+/// uint8 images `[B, C, S, S]`.
+pub fn make_pairs(images: &Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> (Tensor, Tensor) {
+    let batch = images.size()[0];
+    let pixels = images.to_kind(Kind::Float) / 255.0;
+    let mut pairs = Vec::with_capacity(batch as usize);
+    let mut labels = Vec::with_capacity(batch as usize);
+    for b in 0..batch {
+        let tiles = cut_tiles(&pixels.get(b), shape, rng);
+        let position = rng.gen_range(0..NEIGHBOURS.len());
+        pairs.push(Tensor::stack(
+            &[&tiles[CENTRE], &tiles[NEIGHBOURS[position]]],
+            0,
+        ));
+        labels.push(position as i64);
+    }
+    let pairs = colour_and_normalise(Tensor::stack(&pairs, 0), shape, rng);
+    (pairs, Tensor::from_slice(&labels))
+}

@@ -1,0 +1,206 @@
+//! The pretext tasks beyond jigsaw, and evaluation: every task's loss goes
+//! down on generated images; kNN, linear-probe and label-efficiency
+//! evaluations run end to end and report through the job, the model and
+//! `/report`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+async fn losses_of(app: &TestApp, job_id: &str) -> Vec<f64> {
+    let metrics = app
+        .get_json(&format!("/v1/jobs/{job_id}/metrics?name=loss"))
+        .await;
+    metrics["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect()
+}
+
+async fn pretrain_and_check_loss_falls(pretext: &str, extra: Value) {
+    let app = spawn_app().await;
+    let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 3))).await;
+    let mut config = json!({"pretext": pretext, "backbone": "convnet", "image_size": 32, "epochs": 8, "batch_size": 16});
+    for (key, value) in extra.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
+        .await;
+    assert_eq!(job["config"]["pretext"], pretext);
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(240))
+        .await;
+    let losses = losses_of(&app, job["id"].as_str().unwrap()).await;
+    assert!(losses.len() >= 4, "{losses:?}");
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[losses.len() - 1] + losses[losses.len() - 2]) / 2.0;
+    assert!(last < first, "{pretext}: loss did not go down: {losses:?}");
+    let model = app
+        .get_json(&format!("/v1/models/{}", job["model_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(model["pretext"], pretext);
+    assert_eq!(model["kind"], "encoder");
+    let accuracy = model["metrics"]["pretext_accuracy"].as_f64().unwrap();
+    let chance = model["metrics"]["chance_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy > chance,
+        "{pretext}: pretext accuracy {accuracy} not above chance {chance}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_pretraining_learns() {
+    pretrain_and_check_loss_falls("rotation", json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simclr_pretraining_learns() {
+    pretrain_and_check_loss_falls("simclr", json!({"temperature": 0.5, "projection_dim": 32}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_position_pretraining_learns() {
+    pretrain_and_check_loss_falls(
+        "relative_position",
+        json!({"image_size": 48, "epochs": 16, "learning_rate": 0.002}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jigsaw_pretraining_learns() {
+    pretrain_and_check_loss_falls("jigsaw", json!({"num_permutations": 10})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
+    let app = spawn_app().await;
+    let labelled = app.upload_zip(zip_archive(&labelled_entries(20, 8))).await;
+    let dataset_id = labelled["id"].as_str().unwrap();
+
+    // A pretrain job that names an evaluation dataset is evaluated when it ends.
+    let job = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id,
+            "config": {"pretext": "rotation", "backbone": "convnet", "image_size": 32, "epochs": 3, "batch_size": 16,
+                       "eval_dataset_id": dataset_id}}))
+        .await;
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(240))
+        .await;
+    let encoder_id = job["model_id"].as_str().unwrap().to_string();
+    let report = app
+        .get_json(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(report["protocol"], "knn+linear");
+    assert_eq!(report["model_id"], encoder_id.as_str());
+    assert_eq!(report["test_images"], 12, "20% of each class held out");
+    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    for metric in ["knn_accuracy", "linear_accuracy"] {
+        let value = encoder["metrics"][metric].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&value), "{metric} = {value}");
+    }
+
+    // kNN as its own job, against a separate test dataset.
+    let test_set = app.upload_zip(zip_archive(&labelled_entries(5, 9))).await;
+    let job = app
+        .create_job(
+            json!({"kind": "evaluate", "dataset_id": dataset_id, "base_model_id": encoder_id,
+            "config": {"protocol": "knn", "k": 5, "test_dataset_id": test_set["id"]}}),
+        )
+        .await;
+    assert_eq!(job["config"]["knn_temperature"], 0.07);
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert!(job["model_id"].is_null(), "an evaluation makes no model");
+    assert_eq!(job["report"]["test_images"], 15);
+    assert_eq!(job["report"]["train_images"], 60);
+    assert!(
+        job["latest_metrics"]["knn_accuracy"].as_f64().is_some(),
+        "{job}"
+    );
+
+    // Label efficiency: pretrained vs scratch on the same budgets.
+    let job = app
+        .create_job(json!({"kind": "evaluate", "dataset_id": dataset_id, "base_model_id": encoder_id,
+            "config": {"protocol": "label_efficiency", "labels_per_class": [1, 5], "label_fractions": [1.0],
+                       "epochs": 3, "batch_size": 8}}))
+        .await;
+    let job = app
+        .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(240))
+        .await;
+    let report = app
+        .get_json(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(report["protocol"], "label_efficiency");
+    let rows = report["rows"].as_array().unwrap();
+    let budgets: Vec<&str> = rows.iter().map(|r| r["budget"].as_str().unwrap()).collect();
+    assert_eq!(budgets, ["1 per class", "5 per class", "100%"]);
+    let labels: Vec<i64> = rows.iter().map(|r| r["labels"].as_i64().unwrap()).collect();
+    assert_eq!(labels, [3, 15, 48]);
+    for row in rows {
+        let (pretrained, scratch, gain) = (
+            row["pretrained_accuracy"].as_f64().unwrap(),
+            row["scratch_accuracy"].as_f64().unwrap(),
+            row["gain"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&pretrained) && (0.0..=1.0).contains(&scratch),
+            "{row}"
+        );
+        assert!((gain - (pretrained - scratch)).abs() < 1e-9);
+    }
+    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    assert!(
+        encoder["metrics"]["label_efficiency_gain_1_per_class"]
+            .as_f64()
+            .is_some(),
+        "{encoder}"
+    );
+
+    // What can't be evaluated says why.
+    let problem = assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "evaluate", "dataset_id": dataset_id, "config": {"protocol": "knn"}}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert_eq!(problem["errors"][0]["field"], "base_model_id");
+    let problem = assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "evaluate", "dataset_id": dataset_id, "base_model_id": encoder_id}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert_eq!(problem["errors"][0]["field"], "config.protocol");
+    let finetune = app
+        .create_job(json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id, "config": {"max_steps": 1}}))
+        .await;
+    let finetune = app
+        .wait_for_success(finetune["id"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert_problem(
+        app.get(&format!(
+            "/v1/jobs/{}/report",
+            finetune["id"].as_str().unwrap()
+        ))
+        .await,
+        409,
+    )
+    .await;
+    app.stop().await;
+}
