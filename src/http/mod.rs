@@ -3,6 +3,7 @@
 
 pub mod datasets;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -14,6 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -31,6 +33,8 @@ pub struct AppState {
     pub inference: InferenceExecutor,
     /// Training workers running in this process.
     pub workers: usize,
+    /// Cancelled at shutdown; ends long-lived responses (event streams).
+    pub shutdown: CancellationToken,
 }
 
 async fn not_found() -> ApiError {
@@ -58,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get).delete(models::delete))
         .route("/v1/models/{id}/weights", get(models::weights))
