@@ -223,3 +223,12 @@ pub async fn list_metrics_after(
     .await
 }
 
+/// How many jobs there are of each state and kind (pairs with none are absent).
+pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as(
+        "select state, kind, count(*) from jobs
+         group by state, kind",
+    )
+    .fetch_all(pool)
+    .await
+}

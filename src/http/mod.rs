@@ -7,6 +7,7 @@ pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod models;
 
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.yaml", get(health::openapi))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/v1/datasets",
             get(datasets::list)
@@ -76,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
