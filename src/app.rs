@@ -73,6 +73,7 @@ impl Application {
             config: Arc::new(config),
             inference,
             workers: worker_count,
+            shutdown: shutdown.clone(),
         };
         Ok(Self {
             listener,

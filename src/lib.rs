@@ -16,6 +16,8 @@
 //! - [`data`]: archive ingestion, image decoding, stratified splits.
 //! - [`storage`]: the files on disk (datasets, checkpoints, model weights),
 //!   written atomically.
+//! - [`telemetry`]: Prometheus metrics, recorded by the layers above and
+//!   served by `http`.
 //! - [`app`]: wiring: configuration → database → workers → server.
 
 pub mod app;
@@ -26,3 +28,4 @@ pub mod http;
 pub mod jobs;
 pub mod ml;
 pub mod storage;
+pub mod telemetry;

@@ -193,3 +193,44 @@ pub async fn list_metrics(
     .fetch_all(pool)
     .await
 }
+
+/// A metric value with its row id, which orders a job's metrics as they were
+/// written (the live event stream resumes from it).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct NumberedMetric {
+    pub id: i64,
+    pub step: i64,
+    pub epoch: i32,
+    pub name: String,
+    pub value: f64,
+    pub at: DateTime<Utc>,
+}
+
+/// Up to `limit` of a job's metric rows with an id above `after_id`, in id order.
+pub async fn list_metrics_after(
+    pool: &PgPool,
+    job_id: Uuid,
+    after_id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<NumberedMetric>> {
+    sqlx::query_as::<_, NumberedMetric>(
+        "select id, step, epoch, name, value, at from job_metrics
+         where job_id = $1 and id > $2
+         order by id limit $3",
+    )
+    .bind(job_id)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many jobs there are of each state and kind (pairs with none are absent).
+pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as(
+        "select state, kind, count(*) from jobs
+         group by state, kind",
+    )
+    .fetch_all(pool)
+    .await
+}

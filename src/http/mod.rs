@@ -3,9 +3,11 @@
 
 pub mod datasets;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod models;
 
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -31,6 +34,8 @@ pub struct AppState {
     pub inference: InferenceExecutor,
     /// Training workers running in this process.
     pub workers: usize,
+    /// Cancelled at shutdown; ends long-lived responses (event streams).
+    pub shutdown: CancellationToken,
 }
 
 async fn not_found() -> ApiError {
@@ -44,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.yaml", get(health::openapi))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/v1/datasets",
             get(datasets::list)
@@ -59,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
         .route("/v1/jobs/{id}/report", get(jobs::report))
+        .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get).delete(models::delete))
         .route("/v1/models/{id}/weights", get(models::weights))
@@ -72,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -242,6 +242,9 @@ impl Worker {
         if let Err(error) = self.execute(job, shutdown).await {
             tracing::error!(%job_id, error = format!("{error:#}"), "job bookkeeping failed");
         }
+        if let Ok(Some(job)) = crate::db::jobs::get_job(&self.pool, job_id).await {
+            crate::telemetry::observe_job_released(&job);
+        }
         Ok(Some(job_id))
     }
 
@@ -497,6 +500,7 @@ impl Worker {
                 (progress.epoch, progress.step, Vec::new())
             }
         };
+        crate::telemetry::observe_training_report(&device_name(self.device), &metrics);
         record_progress(
             &self.pool, job.id, self.id, *progress, epoch, step, &metrics,
         )

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
 
 use anyhow::Context;
 use tch::nn::{self, Module};
@@ -51,6 +52,7 @@ enum Message {
         /// Each image `C×S×S` uint8, already at the model's input size.
         images: Vec<Vec<u8>>,
         reply: oneshot::Sender<anyhow::Result<InferenceOutput>>,
+        enqueued: Instant,
     },
     Evict(Uuid),
 }
@@ -145,7 +147,9 @@ fn executor_loop(rx: std_mpsc::Receiver<Message>, device: Device, cache_size: us
                 task,
                 images,
                 reply,
+                enqueued,
             } => {
+                crate::telemetry::observe_inference_queued(images.len(), enqueued.elapsed());
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let position = match cache.iter().position(|m| m.id == model.id) {
                         Some(p) => p,
@@ -160,7 +164,9 @@ fn executor_loop(rx: std_mpsc::Receiver<Message>, device: Device, cache_size: us
                     };
                     // Most recently used last.
                     let loaded = cache.remove(position);
+                    let started = Instant::now();
                     let result = run(&loaded, &model, task, &images, device);
+                    crate::telemetry::observe_inference_compute(started.elapsed());
                     cache.push(loaded);
                     result
                 }))
@@ -204,6 +210,7 @@ impl InferenceExecutor {
                 task,
                 images,
                 reply,
+                enqueued: Instant::now(),
             })
             .map_err(|e| match e {
                 std_mpsc::TrySendError::Full(_) => InferenceError::Busy,
