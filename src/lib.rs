@@ -21,6 +21,7 @@
 //! - [`app`]: wiring: configuration → database → workers → server.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod db;

@@ -1,5 +1,5 @@
 //! The `pretext` binary: parses the command line and runs the service until
-//! Ctrl-C or SIGTERM.
+//! Ctrl-C or SIGTERM, or runs one client command against a running service.
 
 use clap::{Parser, Subcommand};
 use pretext::app::Application;
@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP API and the training workers (the default).
     Serve(ServeConfig),
+    #[command(flatten)]
+    Client(pretext::cli::Command),
 }
 
 async fn wait_for_signal(token: CancellationToken) {
@@ -56,6 +58,7 @@ async fn main() {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
+        Some(Command::Client(command)) => std::process::exit(pretext::cli::run(command).await),
         None => cli.serve,
     };
     let result = async {
