@@ -7,6 +7,7 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod samples;
 
 use std::sync::Arc;
 
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/datasets/{id}",
             get(datasets::get).delete(datasets::delete),
         )
+        .route("/v1/datasets/{id}/samples/{n}", get(samples::sample))
         .route("/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
