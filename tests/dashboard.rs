@@ -1,7 +1,9 @@
-//! Dataset samples: the first images of a dataset, served for thumbnails.
+//! The dashboard: the page and every file it loads are served with their
+//! types, and dataset samples are served for its thumbnails.
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::Cursor;
 
 use common::*;
@@ -19,6 +21,72 @@ fn content_type(response: &reqwest::Response) -> String {
         .to_str()
         .unwrap()
         .to_string()
+}
+
+/// Each occurrence of `prefix` in `text` up to the next double quote after it.
+fn quoted_after<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    text.match_indices(prefix).filter_map(move |(start, _)| {
+        let rest = &text[start..];
+        rest[prefix.len()..]
+            .find('"')
+            .map(|end| &rest[..prefix.len() + end])
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_page_and_every_file_it_loads_with_its_type() {
+    let app = spawn_app_with(api_only()).await;
+
+    let page = app.get("/").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(content_type(&page), "text/html; charset=utf-8");
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("default-src 'none'") && policy.contains("script-src 'self'"),
+        "{policy}"
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/assets/app.js">"#));
+
+    // Follow the page's references and the scripts' imports.
+    let mut pending: Vec<String> = quoted_after(&html, "/assets/")
+        .map(str::to_string)
+        .collect();
+    let mut served = HashSet::new();
+    while let Some(path) = pending.pop() {
+        if !served.insert(path.clone()) {
+            continue;
+        }
+        let response = app.get(&path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let expected = match path.rsplit('.').next() {
+            Some("js") => "text/javascript; charset=utf-8",
+            Some("css") => "text/css; charset=utf-8",
+            Some("svg") => "image/svg+xml",
+            other => panic!("{path}: unexpected kind of asset {other:?}"),
+        };
+        assert_eq!(content_type(&response), expected, "{path}");
+        let body = response.text().await.unwrap();
+        assert!(!body.is_empty(), "{path}");
+        if path.ends_with(".js") {
+            for import in quoted_after(&body, "from \"./") {
+                let import = &import["from \"./".len()..];
+                pending.push(format!("/assets/{import}"));
+            }
+        }
+    }
+    for path in [
+        "/assets/app.js",
+        "/assets/api.js",
+        "/assets/charts.js",
+        "/assets/style.css",
+    ] {
+        assert!(served.contains(path), "{path} is never loaded: {served:?}");
+    }
+
+    let problem = assert_problem(app.get("/assets/missing.js").await, 404).await;
+    assert!(problem["detail"].as_str().unwrap().contains("missing.js"));
+    app.stop().await;
 }
 
 fn jpeg(image: &image::DynamicImage) -> Vec<u8> {

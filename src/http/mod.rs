@@ -1,6 +1,7 @@
 //! The HTTP layer: the router, shared state, extractors and the problem+json
 //! error type. Handlers validate, call `db`, `data` and `ml`, and shape JSON.
 
+pub mod dashboard;
 pub mod datasets;
 pub mod error;
 pub mod extract;
@@ -42,6 +43,8 @@ async fn not_found() -> ApiError {
 pub fn router(state: AppState) -> Router {
     let inference_limit = DefaultBodyLimit::max(state.config.max_inference_bytes);
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::asset))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.yaml", get(health::openapi))
