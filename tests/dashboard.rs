@@ -1,13 +1,21 @@
 //! The dashboard: the page and every file it loads are served with their
-//! types, and dataset samples are served for its thumbnails.
+//! types, dataset samples are served for its thumbnails, and (with
+//! `PRETEXT_BROWSER_TESTS=1`, as `make test` sets) headless Chromium follows a
+//! job to the end on it and classifies an image through it.
 
 mod common;
 
 use std::collections::HashSet;
 use std::io::Cursor;
+use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use rand::SeedableRng;
+use serde_json::json;
+
+/// How long the browser script may take: two short training jobs on the CPU.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn api_only() -> TestOptions {
     TestOptions {
@@ -168,5 +176,79 @@ async fn serves_the_first_sixteen_images_of_a_dataset_as_samples() {
         404,
     )
     .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_watches_a_job_succeed_then_finetunes_and_classifies_on_the_dashboard() {
+    if std::env::var("PRETEXT_BROWSER_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "skipped: set PRETEXT_BROWSER_TESTS=1 (as `make test` does) to drive the dashboard in Chromium"
+        );
+        return;
+    }
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").is_dir(),
+        "tests/browser/node_modules is missing: run `make browser-setup`"
+    );
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir).unwrap();
+
+    let app = spawn_app().await;
+    let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 1))).await;
+    let mut config = quick_pretrain_config();
+    config["epochs"] = json!(4);
+    app.create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
+        .await;
+
+    // What the script drops on the page: an image to classify and an archive.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    std::fs::write(
+        out_dir.join("probe.png"),
+        png(&shape_image("disc", &mut rng)),
+    )
+    .unwrap();
+    let unlabelled: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| {
+            (
+                format!("{i}.png"),
+                png(&shape_image(CLASSES[i % 3], &mut rng)),
+            )
+        })
+        .collect();
+    std::fs::write(out_dir.join("unlabelled.zip"), zip_archive(&unlabelled)).unwrap();
+
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .arg(&app.address)
+        .arg(&out_dir)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(BROWSER_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser script ran over {BROWSER_TIMEOUT:?}"))
+        .expect("node runs (install Node.js 20 or later)");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{log}");
+    assert!(
+        output.status.success(),
+        "the browser script failed ({}); screenshots in {}:\n{log}",
+        output.status,
+        out_dir.display()
+    );
+    for name in [
+        "dashboard-datasets.png",
+        "dashboard-jobs.png",
+        "dashboard-classify.png",
+    ] {
+        assert!(out_dir.join(name).is_file(), "{name} was not saved");
+    }
+    println!("screenshots in {}", out_dir.display());
     app.stop().await;
 }
