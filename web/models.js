@@ -92,9 +92,11 @@ function datasetName(id) {
   return ctx.store.datasets.find((d) => d.id === id)?.name ?? shortId(id);
 }
 
+/** Opens the job form on a fine-tuning job from `model`, on its dataset if that has labels. */
 function finetuneFrom(model) {
+  const dataset = ctx.store.datasets.find((d) => d.id === model.dataset_id);
   ctx.showTab("jobs");
-  ctx.prefillJob({ kind: "finetune", datasetId: model.dataset_id, baseModelId: model.id });
+  ctx.prefillJob({ kind: "finetune", datasetId: dataset?.labeled ? dataset.id : undefined, baseModelId: model.id });
 }
 
 async function downloadWeights(model) {
