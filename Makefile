@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
 
-.PHONY: setup build run test lint check-postgres
+.PHONY: setup build run test lint check-postgres browser-setup
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -39,6 +39,22 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 
-## test: set everything up, lint, and run the whole test suite
-test: setup check-postgres lint
-	cargo test --locked -- --test-threads=2
+BROWSER_TEST_DIR := tests/browser
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(BROWSER_TEST_DIR)/node_modules/.installed: $(BROWSER_TEST_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "Node.js 20+ with npm is needed for the dashboard's browser test"; exit 1; }
+	cd $(BROWSER_TEST_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+## browser-setup: Debian's Chromium and playwright-core, for the dashboard's browser test
+browser-setup: $(BROWSER_TEST_DIR)/node_modules/.installed
+	@test -x $(CHROMIUM) || { \
+		echo "Installing Debian's chromium for the dashboard's browser test"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+## test: set everything up, lint, and run the whole test suite (the browser test included)
+test: setup check-postgres lint browser-setup
+	PRETEXT_BROWSER_TESTS=1 cargo test --locked -- --test-threads=2

@@ -1,6 +1,7 @@
 //! The HTTP layer: the router, shared state, extractors and the problem+json
 //! error type. Handlers validate, call `db`, `data` and `ml`, and shape JSON.
 
+pub mod dashboard;
 pub mod datasets;
 pub mod error;
 pub mod events;
@@ -9,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
+pub mod samples;
 
 use std::sync::Arc;
 
@@ -46,6 +48,8 @@ async fn not_found() -> ApiError {
 pub fn router(state: AppState) -> Router {
     let inference_limit = DefaultBodyLimit::max(state.config.max_inference_bytes);
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::asset))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.yaml", get(health::openapi))
@@ -60,6 +64,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/datasets/{id}",
             get(datasets::get).delete(datasets::delete),
         )
+        .route("/v1/datasets/{id}/samples/{n}", get(samples::sample))
         .route("/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
