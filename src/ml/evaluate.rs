@@ -466,12 +466,12 @@ pub fn run_label_efficiency(
         .iter()
         .map(|&k| (format!("{k} per class"), LabelBudget::PerClass(k as usize)))
         .collect();
-    budgets.extend(
-        settings
-            .label_fractions
-            .iter()
-            .map(|&f| (format!("{}%", f * 100.0), LabelBudget::Fraction(f))),
-    );
+    budgets.extend(settings.label_fractions.iter().map(|&f| {
+        (
+            format!("{}%", (f * 100_000.0).round() / 1000.0),
+            LabelBudget::Fraction(f),
+        )
+    }));
     let subsets: Vec<(String, Vec<usize>)> = budgets
         .into_iter()
         .map(|(name, budget)| {

@@ -27,6 +27,7 @@ pub enum PretextTask {
     Jigsaw {
         head: JigsawHead,
         permutations: JigsawPermutationSet,
+        permutation_seed: i64,
         shape: PuzzleShape,
     },
     Rotation {
@@ -72,6 +73,7 @@ impl PretextTask {
                 PretextTask::Jigsaw {
                     head,
                     permutations,
+                    permutation_seed: config.permutation_seed.unwrap_or(1),
                     shape: puzzle_shape(config),
                 }
             }
@@ -110,6 +112,7 @@ impl PretextTask {
                 head,
                 permutations,
                 shape,
+                ..
             } => {
                 let (tiles, labels) = make_puzzles(images, permutations, *shape, rng);
                 let (tiles, labels) = (tiles.to_device(device), labels.to_device(device));
@@ -172,10 +175,12 @@ impl PretextTask {
         match self {
             PretextTask::Jigsaw {
                 permutations,
+                permutation_seed,
                 shape,
                 ..
             } => serde_json::json!({
                 "grid": shape.grid,
+                "permutation_seed": permutation_seed,
                 "tile_size": shape.tile_size,
                 "num_permutations": permutations.permutations.len(),
                 "min_hamming_distance": permutations.minimum_distance(),
