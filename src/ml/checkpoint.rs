@@ -12,21 +12,30 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
+use super::training::{StopReason, TrainingContext, TrainingEvent};
 use crate::storage::{write_atomic, write_atomic_with};
 
-/// Saves the variables of `vs` whose names pass `keep`, atomically.
-pub fn save_vars(vs: &VarStore, path: &Path, keep: impl Fn(&str) -> bool) -> anyhow::Result<()> {
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
+/// The variables of `vs` whose names pass `keep`, on the CPU.
+fn cpu_variables(vs: &VarStore, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
+    vs.variables()
         .into_iter()
         .filter(|(name, _)| keep(name))
         .map(|(name, t)| (name, t.to_device(tch::Device::Cpu)))
-        .collect();
+        .collect()
+}
+
+/// Writes named tensors, sorted by name, atomically.
+fn write_named(mut named: Vec<(String, Tensor)>, path: &Path) -> anyhow::Result<()> {
     named.sort_by(|a, b| a.0.cmp(&b.0));
     write_atomic_with(path, |tmp| {
         Tensor::write_safetensors(&named, tmp)
             .with_context(|| format!("Failed to write {}", tmp.display()))
     })
+}
+
+/// Saves the variables of `vs` whose names pass `keep`, atomically.
+pub fn save_vars(vs: &VarStore, path: &Path, keep: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    write_named(cpu_variables(vs, keep), path)
 }
 
 /// Saves model weights: the variables passing `keep`, plus a zero
@@ -36,12 +45,7 @@ pub fn save_model_weights(
     path: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter(|(name, _)| keep(name))
-        .map(|(name, t)| (name, t.to_device(tch::Device::Cpu)))
-        .collect();
+    let mut named = cpu_variables(vs, keep);
     let counters: Vec<(String, Tensor)> = named
         .iter()
         .filter_map(|(name, _)| name.strip_suffix("running_mean"))
@@ -53,11 +57,7 @@ pub fn save_model_weights(
         })
         .collect();
     named.extend(counters);
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    write_atomic_with(path, |tmp| {
-        Tensor::write_safetensors(&named, tmp)
-            .with_context(|| format!("Failed to write {}", tmp.display()))
-    })
+    write_named(named, path)
 }
 
 /// Copies tensors from `path` into the variables of `vs` whose names pass
@@ -131,5 +131,52 @@ impl<'a> JobCheckpoint<'a> {
             serde_json::from_slice(&bytes).context("Failed to parse checkpoint.json")?;
         load_vars(vs, &self.weights(), |_| true)?;
         Ok(Some(state))
+    }
+}
+
+/// When a training loop writes its checkpoint: at every epoch end but the
+/// last, every `interval`, and before stopping early.
+pub struct CheckpointSchedule<'a> {
+    checkpoint: JobCheckpoint<'a>,
+    interval: std::time::Duration,
+    last: std::time::Instant,
+}
+
+impl<'a> CheckpointSchedule<'a> {
+    /// A schedule for the checkpoint kept in `dir`.
+    pub fn new(dir: &'a Path, interval_secs: i64) -> Self {
+        Self {
+            checkpoint: JobCheckpoint::in_dir(dir),
+            interval: std::time::Duration::from_secs(interval_secs.max(1) as u64),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Restores the last checkpoint into `vs`; returns the step to start at.
+    pub fn resume(&self, vs: &VarStore) -> anyhow::Result<i64> {
+        Ok(self.checkpoint.restore(vs)?.map_or(0, |s| s.step))
+    }
+
+    /// Called after each step (`done` steps completed): checkpoints when due
+    /// and returns why the loop must stop, if it must. A cancelled job stops
+    /// at once, without a checkpoint.
+    pub fn after_step(
+        &mut self,
+        ctx: &TrainingContext,
+        vs: &VarStore,
+        done: i64,
+        epoch_end: bool,
+        total: i64,
+    ) -> anyhow::Result<Option<StopReason>> {
+        let stop = ctx.stop.requested();
+        if stop == Some(StopReason::Cancel) {
+            return Ok(stop);
+        }
+        if (epoch_end && done < total) || self.last.elapsed() >= self.interval || stop.is_some() {
+            self.checkpoint.save(vs, CheckpointState { step: done })?;
+            ctx.emit(TrainingEvent::Checkpoint { step: done });
+            self.last = std::time::Instant::now();
+        }
+        Ok(stop)
     }
 }

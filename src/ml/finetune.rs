@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Context;
 use rand::Rng;
@@ -12,11 +11,11 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Tensor};
 
 use super::backbone::features;
-use super::checkpoint::{load_vars, save_model_weights, CheckpointState, JobCheckpoint};
+use super::checkpoint::{load_vars, save_model_weights, CheckpointSchedule};
 use super::pretrain::epoch_order;
 use super::training::{
-    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
-    TrainingContext, TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,
+    TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
@@ -183,8 +182,8 @@ pub fn run_finetune(
     if let Some(max_steps) = config.max_steps {
         total_steps = total_steps.min(max_steps);
     }
-    let checkpoint = JobCheckpoint::in_dir(&ctx.job_dir);
-    let start_step = checkpoint.restore(&vs)?.map_or(0, |s| s.step);
+    let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
+    let start_step = checkpoints.resume(&vs)?;
     ctx.emit(TrainingEvent::Plan {
         epochs: config.epochs,
         steps: total_steps,
@@ -194,7 +193,6 @@ pub fn run_finetune(
     let train_i64: Vec<i64> = train.iter().map(|&i| i as i64).collect();
     let val_i64: Vec<i64> = val.iter().map(|&i| i as i64).collect();
     let mut means = RunningMeans::default();
-    let mut last_checkpoint = Instant::now();
     let mut order = Vec::new();
     let mut order_epoch = -1;
     let mut final_metrics = BTreeMap::new();
@@ -269,17 +267,7 @@ pub fn run_finetune(
                 metrics,
             });
         }
-        let stop = ctx.stop.requested();
-        if stop == Some(StopReason::Cancel) {
-            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
-        }
-        let due = last_checkpoint.elapsed().as_secs() >= config.checkpoint_interval_secs as u64;
-        if (epoch_end && done < total_steps) || due || stop.is_some() {
-            checkpoint.save(&vs, CheckpointState { step: done })?;
-            ctx.emit(TrainingEvent::Checkpoint { step: done });
-            last_checkpoint = Instant::now();
-        }
-        if let Some(reason) = stop {
+        if let Some(reason) = checkpoints.after_step(ctx, &vs, done, epoch_end, total_steps)? {
             return Ok(TrainingOutcome::Stopped(reason));
         }
     }

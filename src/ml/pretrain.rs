@@ -5,19 +5,18 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::nn::{self, OptimizerConfig};
 use tch::Tensor;
 
-use super::checkpoint::{save_model_weights, CheckpointState, JobCheckpoint};
+use super::checkpoint::{save_model_weights, CheckpointSchedule};
 use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
-    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
-    TrainingContext, TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,
+    TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::load_image_set;
 use crate::jobs::config::PretrainConfig;
@@ -79,8 +78,8 @@ pub fn run_pretrain(
     if let Some(max_steps) = config.max_steps {
         total_steps = total_steps.min(max_steps);
     }
-    let checkpoint = JobCheckpoint::in_dir(&ctx.job_dir);
-    let start_step = checkpoint.restore(&vs)?.map_or(0, |s| s.step);
+    let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
+    let start_step = checkpoints.resume(&vs)?;
     ctx.emit(TrainingEvent::Plan {
         epochs: config.epochs,
         steps: total_steps,
@@ -89,7 +88,6 @@ pub fn run_pretrain(
 
     let mut means = RunningMeans::default();
     let mut epoch_means = RunningMeans::default();
-    let mut last_checkpoint = Instant::now();
     let mut order = Vec::new();
     let mut order_epoch = -1;
     let mut final_means = Vec::new();
@@ -129,17 +127,7 @@ pub fn run_pretrain(
         if epoch_end {
             final_means = epoch_means.drain();
         }
-        let stop = ctx.stop.requested();
-        if stop == Some(StopReason::Cancel) {
-            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
-        }
-        let due = last_checkpoint.elapsed().as_secs() >= config.checkpoint_interval_secs as u64;
-        if (epoch_end && done < total_steps) || due || stop.is_some() {
-            checkpoint.save(&vs, CheckpointState { step: done })?;
-            ctx.emit(TrainingEvent::Checkpoint { step: done });
-            last_checkpoint = Instant::now();
-        }
-        if let Some(reason) = stop {
+        if let Some(reason) = checkpoints.after_step(ctx, &vs, done, epoch_end, total_steps)? {
             return Ok(TrainingOutcome::Stopped(reason));
         }
     }
