@@ -249,14 +249,6 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
     app.stop().await;
 }
 
-fn python() -> std::path::PathBuf {
-    std::env::var_os("PRETEXT_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
-        })
-}
-
 async fn check_in_torchvision(app: &TestApp, model_id: &str, extra: &[&str]) {
     let response = app.get(&format!("/v1/models/{model_id}/weights")).await;
     assert_eq!(response.status(), 200);

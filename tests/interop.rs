@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -13,12 +13,6 @@ use common::*;
 use image::{DynamicImage, ImageBuffer, Rgb};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-
-fn python() -> PathBuf {
-    std::env::var_os("PRETEXT_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
-}
 
 fn reproduce(app: &TestApp, model_id: &str, image: &Path, classify: bool) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reproduce_in_pytorch.py");

@@ -28,7 +28,7 @@ use crate::ml::backbone::Backbone;
 use crate::ml::device::device_name;
 use crate::ml::evaluate::{
     evaluate_frozen, load_trunk, run_label_efficiency, EncoderSource, EvaluationData,
-    FrozenProtocols, LabelEfficiencySettings,
+    FrozenProtocols,
 };
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
@@ -140,17 +140,7 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                     Ok(TrainingOutcome::Evaluated(report))
                 }
                 Protocol::LabelEfficiency => {
-                    let settings = LabelEfficiencySettings {
-                        labels_per_class: config.labels_per_class.clone(),
-                        label_fractions: config.label_fractions.clone(),
-                        epochs: config.epochs,
-                        batch_size: config.batch_size,
-                        learning_rate: config.learning_rate,
-                        trunk_lr_scale: config.trunk_lr_scale,
-                        weight_decay: config.weight_decay,
-                        seed: config.seed,
-                    };
-                    run_label_efficiency(ctx, &source, evaluation, &settings)
+                    run_label_efficiency(ctx, &source, evaluation, &config)
                 }
             }
         }

@@ -21,6 +21,7 @@ use super::training::{
 };
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
+use crate::jobs::config::EvaluateConfig;
 
 /// Images per forward pass when embedding.
 const EMBED_BATCH: i64 = 256;
@@ -245,10 +246,12 @@ pub fn linear_probe_accuracy(
     let batch = 256.min(n).max(1);
     let steps_per_epoch = n.div_ceil(batch) as i64;
     let total = epochs * steps_per_epoch;
+    let mut order = Vec::new();
     for step in 0..total {
-        let epoch = step / steps_per_epoch;
-        let order = epoch_order(n, seed, epoch);
         let within = (step % steps_per_epoch) as usize;
+        if within == 0 {
+            order = epoch_order(n, seed, step / steps_per_epoch);
+        }
         let chunk = &order[within * batch..((within + 1) * batch).min(n)];
         let idx = Tensor::from_slice(chunk);
         let logits = probe.forward(&train.index_select(0, &idx));
@@ -353,19 +356,6 @@ pub fn load_trunk(
     Ok((vs, trunk))
 }
 
-/// Settings of the fine-tuning runs of the label-efficiency protocol.
-#[derive(Debug, Clone)]
-pub struct LabelEfficiencySettings {
-    pub labels_per_class: Vec<i64>,
-    pub label_fractions: Vec<f64>,
-    pub epochs: i64,
-    pub batch_size: i64,
-    pub learning_rate: f64,
-    pub trunk_lr_scale: f64,
-    pub weight_decay: f64,
-    pub seed: i64,
-}
-
 /// Trains one classifier on `train` for the protocol; returns its test accuracy,
 /// or `None` when the job was asked to stop.
 #[allow(clippy::too_many_arguments)]
@@ -375,7 +365,7 @@ fn fit_and_test(
     pretrained: bool,
     split: &LabelledSplit,
     train: &[usize],
-    settings: &LabelEfficiencySettings,
+    settings: &EvaluateConfig,
     step_offset: &mut i64,
 ) -> anyhow::Result<Option<f64>> {
     let input = &source.input;
@@ -404,13 +394,15 @@ fn fit_and_test(
     let batch = (settings.batch_size as usize).min(train.len()).max(1);
     let steps_per_epoch = (train.len() / batch).max(1) as i64;
     let total = settings.epochs * steps_per_epoch;
+    let mut order = Vec::new();
     for step in 0..total {
         if ctx.stop.requested().is_some() {
             return Ok(None);
         }
-        let epoch = step / steps_per_epoch;
-        let order = epoch_order(train.len(), settings.seed, epoch);
         let within = (step % steps_per_epoch) as usize;
+        if within == 0 {
+            order = epoch_order(train.len(), settings.seed, step / steps_per_epoch);
+        }
         let chunk: Vec<i64> = order[within * batch..(within + 1) * batch]
             .iter()
             .map(|&k| train[k as usize] as i64)
@@ -457,7 +449,7 @@ pub fn run_label_efficiency(
     ctx: &TrainingContext,
     source: &EncoderSource,
     evaluation: &EvaluationData,
-    settings: &LabelEfficiencySettings,
+    settings: &EvaluateConfig,
 ) -> anyhow::Result<TrainingOutcome> {
     let split = load_split(evaluation, &source.input)?;
     let num_classes = split.data.classes.len();

@@ -395,3 +395,12 @@ pub fn quick_pretrain_config() -> Value {
         "checkpoint_interval_secs": 1
     })
 }
+
+/// The project's Python (with torch and torchvision; `make setup` installs it).
+pub fn python() -> PathBuf {
+    std::env::var_os("PRETEXT_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+        })
+}
