@@ -241,8 +241,11 @@ pub fn ingest_archive(
 }
 
 fn scan_zip(file: File, scan: &mut Scan) -> Result<(), IngestError> {
-    let mut zip = zip::ZipArchive::new(BufReader::new(file))
-        .map_err(|e| IngestError::NotAnArchive(format!("not a readable zip archive: {e}")))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
+        IngestError::Corrupt(format!(
+            "the zip archive is corrupt or truncated ({e}); upload it again whole"
+        ))
+    })?;
     if zip.len() as u64 > scan.limits.max_entries {
         return Err(IngestError::TooLarge(format!(
             "the archive has {} entries, more than the limit of {}",

@@ -17,7 +17,7 @@ use crate::db::jobs::{
 };
 use crate::db::models::{get_model, Model};
 use crate::jobs::config::{
-    config_parse_error, DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest,
+    parse_config_object, DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest,
     PretrainConfigRequest,
 };
 use crate::ml::backbone::Backbone;
@@ -42,7 +42,7 @@ fn parse_config<T: serde::de::DeserializeOwned + Default>(
     match config {
         None | Some(serde_json::Value::Null) => Ok(T::default()),
         Some(value @ serde_json::Value::Object(_)) => {
-            serde_json::from_value(value).map_err(|e| ApiError::fields(config_parse_error(e)))
+            parse_config_object(value).map_err(ApiError::fields)
         }
         Some(_) => Err(ApiError::field("config", "must be a JSON object")),
     }

@@ -113,16 +113,24 @@ impl Checker {
     }
 }
 
-/// Turns serde's complaint about `config` into a field error.
-pub fn config_parse_error(error: serde_json::Error) -> Vec<FieldError> {
-    let message = error.to_string();
-    let field = message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.starts_with("unknown field"))
-        .map(|f| format!("config.{f}"))
-        .unwrap_or_else(|| "config".to_string());
-    vec![FieldError { field, message }]
+/// Parses a job's `config` object, naming the field serde complains about.
+pub fn parse_config_object<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, Vec<FieldError>> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let message = error.inner().to_string();
+        let unknown = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.starts_with("unknown field"));
+        let field = match (unknown, path.as_str()) {
+            (Some(name), _) => format!("config.{name}"),
+            (None, ".") => "config".to_string(),
+            (None, path) => format!("config.{path}"),
+        };
+        vec![FieldError { field, message }]
+    })
 }
 
 /// The pretext tasks a pretrain job can learn.

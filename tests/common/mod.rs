@@ -275,13 +275,16 @@ impl TestApp {
 
 /// Asserts a problem+json response with `status`; returns its body.
 pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(content_type, "application/problem+json");
-    let body: Value = response.json().await.unwrap();
+    let actual = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "{text}");
+    assert_eq!(content_type, "application/problem+json", "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["status"], status);
     assert!(
         body["detail"].as_str().is_some_and(|d| !d.is_empty()),
