@@ -230,3 +230,83 @@ pub fn normalise(images: &Tensor, mean: &[f64], std: &[f64], device: tch::Device
         .to_device(device);
     (images.to_device(device).to_kind(Kind::Float) / 255.0 - mean) / std
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::manifest::ManifestEntry;
+    use image::{DynamicImage, ImageBuffer, Rgb};
+
+    /// A dataset folder of `count` distinct 20×12 PNGs.
+    fn dataset(count: u8) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("images")).unwrap();
+        let mut entries = Vec::new();
+        for i in 0..count {
+            let image =
+                ImageBuffer::from_fn(20, 12, |x, y| Rgb([x as u8 * 9, y as u8 * 15, i * 40]));
+            let file = format!("images/{i:06}.png");
+            DynamicImage::ImageRgb8(image)
+                .save(dir.path().join(&file))
+                .unwrap();
+            entries.push(ManifestEntry {
+                file,
+                label: Some(usize::from(i % 2)),
+                source: format!("{i}.png"),
+            });
+        }
+        Manifest {
+            classes: vec!["a".into(), "b".into()],
+            entries,
+        }
+        .write(dir.path())
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_second_load_reads_the_decoded_cache_instead_of_the_images() {
+        let dir = dataset(3);
+        let first = load_image_set(dir.path(), 8, 3, 1 << 20).unwrap();
+        assert_eq!(first.images.size(), [3, 3, 8, 8]);
+        assert!(cache_path(dir.path(), 8, 3).is_file());
+
+        fs::remove_dir_all(dir.path().join("images")).unwrap();
+        let second = load_image_set(dir.path(), 8, 3, 1 << 20).unwrap();
+        assert!(second.images.equal(&first.images));
+        assert_eq!(second.labels, [0, 1, 0]);
+        assert_eq!(second.pixels(), first.pixels());
+
+        // Another size or channel count is not in the cache: the images are needed again.
+        assert!(load_image_set(dir.path(), 8, 1, 1 << 20).is_err());
+        assert!(load_image_set(dir.path(), 10, 3, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_cache_of_another_shape_is_decoded_again() {
+        let dir = dataset(2);
+        let path = cache_path(dir.path(), 8, 1);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // A truncated cache file (one image short) must not be taken as whole.
+        let mut stale = cache_header(2, 1, 8).to_vec();
+        stale.extend(std::iter::repeat_n(7u8, 64));
+        fs::write(&path, &stale).unwrap();
+        let set = load_image_set(dir.path(), 8, 1, 1 << 20).unwrap();
+        assert_eq!(set.images.size(), [2, 1, 8, 8]);
+        assert!(set.pixels().iter().any(|&p| p != 7));
+        assert_eq!(fs::metadata(&path).unwrap().len() as usize, CACHE_HEADER_LEN + 128);
+    }
+
+    #[test]
+    fn channel_statistics_are_per_channel_over_all_pixels() {
+        let images = Tensor::from_slice(&[0u8, 255, 0, 255, 51, 51, 51, 51]).view([1, 2, 2, 2]);
+        let set = ImageTensorSet {
+            images,
+            labels: vec![-1],
+            classes: Vec::new(),
+        };
+        let (mean, std) = set.channel_stats();
+        assert!((mean[0] - 0.5).abs() < 1e-9 && (std[0] - 0.5).abs() < 1e-9);
+        assert!((mean[1] - 0.2).abs() < 1e-9 && (std[1] - 1e-3).abs() < 1e-9);
+    }
+}

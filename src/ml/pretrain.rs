@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -109,7 +110,9 @@ pub fn run_pretrain(
     let mut final_means = Vec::new();
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
+        let waiting = Instant::now();
         let batch = batches.next(step)?;
+        means.add("batch_wait_ms", waiting.elapsed().as_secs_f64() * 1e3);
         let (loss, accuracy) = task.step(&trunk, &batch, (&input.mean, &input.std), ctx.device);
         let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
         optimizer.set_lr(learning_rate);

@@ -184,9 +184,9 @@ pub fn draw_colours(
                 scale: [1.0; 3],
                 shift: [0.0; 3],
             };
-            for c in 0..3 {
-                draw.scale[c] = 1.0 + rng.gen_range(-1.0..=1.0f32) * jitter;
-                draw.shift[c] = rng.gen_range(-1.0..=1.0f32) * jitter;
+            for (scale, shift) in draw.scale.iter_mut().zip(draw.shift.iter_mut()) {
+                *scale = 1.0 + rng.gen_range(-1.0..=1.0f32) * jitter;
+                *shift = rng.gen_range(-1.0..=1.0f32) * jitter;
             }
             Some(draw)
         })
@@ -255,14 +255,14 @@ fn write_tile(
 fn apply_colour(tile: &mut [f32], colour: ColourDraw, plane: usize) {
     let (r, rest) = tile.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for i in 0..plane {
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
         if colour.grey {
-            let grey = (r[i] + g[i] + b[i]) / 3.0;
-            (r[i], g[i], b[i]) = (grey, grey, grey);
+            let grey = (*r + *g + *b) / 3.0;
+            (*r, *g, *b) = (grey, grey, grey);
         } else {
-            r[i] = r[i] * colour.scale[0] + colour.shift[0];
-            g[i] = g[i] * colour.scale[1] + colour.shift[1];
-            b[i] = b[i] * colour.scale[2] + colour.shift[2];
+            *r = *r * colour.scale[0] + colour.shift[0];
+            *g = *g * colour.scale[1] + colour.shift[1];
+            *b = *b * colour.scale[2] + colour.shift[2];
         }
     }
 }
