@@ -228,7 +228,7 @@ def write_report(out_dir, report):
         "",
         "| side | images/s | load at start (`uptime`) |",
         "|---|---:|---|",
-        f"| pretext (release server, jigsaw job) | {s['images_per_second']:.2f} | "
+        f"| pretext (`{report['binary']}` serve, jigsaw job) | {s['images_per_second']:.2f} | "
         f"{s['uptime_at_start']} |",
         f"| PyTorch reference (`bench/reference/train_jigsaw.py`, {r['workers']} DataLoader "
         f"worker) | {r['images_per_second']:.2f} | {r['uptime_at_start']} |",
@@ -312,6 +312,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "notes": args.notes,
+        "binary": os.path.relpath(args.binary, REPO_ROOT),
     }
     log(f"ratio: {report['ratio']:.2f}x")
     write_report(args.out, report)
