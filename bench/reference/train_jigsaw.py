@@ -122,7 +122,7 @@ class JigsawPuzzles(Dataset):
                 shift = (torch.rand(3) * 2 - 1) * self.jitter
                 tiles = tiles * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1)
         mean = tiles.mean(dim=(1, 2, 3), keepdim=True)
-        std = tiles.std(dim=(1, 2, 3), keepdim=True)
+        std = tiles.std(dim=(1, 2, 3), keepdim=True, correction=0)
         return (tiles - mean) / (std + 1e-3), label
 
 

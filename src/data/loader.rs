@@ -207,8 +207,8 @@ fn decode_all(
         .zip(manifest.entries.par_iter())
         .try_for_each(|(out, entry)| {
             let path = dataset_dir.join(&entry.file);
-            let bytes = fs::read(&path)
-                .with_context(|| format!("Failed to read {}", path.display()))?;
+            let bytes =
+                fs::read(&path).with_context(|| format!("Failed to read {}", path.display()))?;
             let image = decode_image(&bytes, max_pixels)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", entry.source))?;
             out.copy_from_slice(&to_chw_u8(&image, size, channels));
@@ -294,7 +294,10 @@ mod tests {
         let set = load_image_set(dir.path(), 8, 1, 1 << 20).unwrap();
         assert_eq!(set.images.size(), [2, 1, 8, 8]);
         assert!(set.pixels().iter().any(|&p| p != 7));
-        assert_eq!(fs::metadata(&path).unwrap().len() as usize, CACHE_HEADER_LEN + 128);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len() as usize,
+            CACHE_HEADER_LEN + 128
+        );
     }
 
     #[test]

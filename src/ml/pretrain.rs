@@ -13,8 +13,8 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
-use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
+use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
     cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,

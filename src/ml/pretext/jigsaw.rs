@@ -267,12 +267,12 @@ fn apply_colour(tile: &mut [f32], colour: ColourDraw, plane: usize) {
     }
 }
 
-/// `(x - mean) / (std + 1e-3)` over the whole tile (unbiased std).
+/// `(x - mean) / (std + 1e-3)` over the whole tile (population std).
 fn normalise_tile(tile: &mut [f32]) {
     let n = tile.len() as f64;
     let mean = tile.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
     let squares: f64 = tile.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum();
-    let std = (squares / (n - 1.0).max(1.0)).sqrt();
+    let std = (squares / n).sqrt();
     let (mean, scale) = (mean as f32, 1.0 / (std as f32 + 1e-3));
     for v in tile.iter_mut() {
         *v = (*v - mean) * scale;
@@ -405,7 +405,10 @@ mod tests {
                 .iter()
                 .map(|&k| {
                     let (y, x) = corners[k as usize];
-                    pixels.get(b).narrow(1, y, shape.tile_size).narrow(2, x, shape.tile_size)
+                    pixels
+                        .get(b)
+                        .narrow(1, y, shape.tile_size)
+                        .narrow(2, x, shape.tile_size)
                 })
                 .collect();
             puzzles.push(Tensor::stack(&tiles, 0));
@@ -417,7 +420,9 @@ mod tests {
         let scale: Vec<f32> = colours.iter().flat_map(|c| c.unwrap().scale).collect();
         let shift: Vec<f32> = colours.iter().flat_map(|c| c.unwrap().shift).collect();
         let mask = Tensor::from_slice(&mask).view([batch, 1, 1, 1, 1]);
-        let grey = tiles.mean_dim(&[2i64][..], true, Kind::Float).expand_as(&tiles);
+        let grey = tiles
+            .mean_dim(&[2i64][..], true, Kind::Float)
+            .expand_as(&tiles);
         let jittered = &tiles * Tensor::from_slice(&scale).view([batch, 1, 3, 1, 1])
             + Tensor::from_slice(&shift).view([batch, 1, 3, 1, 1]);
         tiles = &mask * grey + (1.0 - &mask) * jittered;
@@ -445,8 +450,7 @@ mod tests {
         assert!(f64::try_from(means.abs().max()).unwrap() < 1e-4);
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let (expected, expected_labels) =
-            puzzles_with_tensor_ops(&images, &set, shape(), &mut rng);
+        let (expected, expected_labels) = puzzles_with_tensor_ops(&images, &set, shape(), &mut rng);
         assert!(labels.equal(&expected_labels));
         let difference = f64::try_from((tiles - expected).abs().max()).unwrap();
         assert!(difference < 1e-4, "{difference}");

@@ -288,7 +288,8 @@ impl PretextTask {
                 },
                 PretextBatch::Views { views },
             ) => {
-                let xs = normalise_floats(&to_device_async(views, device), input.0, input.1, device);
+                let xs =
+                    normalise_floats(&to_device_async(views, device), input.0, input.1, device);
                 let (loss, accuracy) = nt_xent(&head.forward(&features(&xs)), *temperature);
                 (loss.to_kind(Kind::Float), accuracy)
             }
