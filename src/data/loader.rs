@@ -133,13 +133,12 @@ fn read_cache(path: &Path, count: usize, channels: u8, size: u32) -> Option<Tens
     {
         return None;
     }
-    let images = Tensor::from_slice(&map[CACHE_HEADER_LEN..]).view([
+    Some(Tensor::from_slice(&map[CACHE_HEADER_LEN..]).view([
         count as i64,
         channels as i64,
         size as i64,
         size as i64,
-    ]);
-    Some(images)
+    ]))
 }
 
 fn write_cache(path: &Path, pixels: &[u8], count: usize, channels: u8, size: u32) {
