@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
 
-.PHONY: setup build run test lint check-postgres browser-setup
+.PHONY: setup build run test lint check-postgres browser-setup bench-train
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -33,6 +33,10 @@ check-postgres:
 ## run: set everything up and serve on http://127.0.0.1:8080
 run: build check-postgres
 	./target/release/pretext serve
+
+## bench-train: training throughput of the release server against a PyTorch script (CPU)
+bench-train: build check-postgres
+	python3 bench/train_throughput/run.py
 
 ## lint: formatting and clippy
 lint: setup

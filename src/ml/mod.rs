@@ -9,6 +9,7 @@ pub mod device;
 pub mod evaluate;
 pub mod finetune;
 pub mod inference;
+pub mod prefetch;
 pub mod pretext;
 pub mod pretrain;
 pub mod training;

@@ -5,14 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::nn::{self, OptimizerConfig};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
 use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
+use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
     cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,
@@ -86,38 +88,47 @@ pub fn run_pretrain(
         start_step,
     });
 
+    let input = InputSpec {
+        image_size: config.image_size as u32,
+        channels,
+        mean,
+        std,
+    };
+    let plan = BatchPlan {
+        seed: config.seed,
+        batch_size,
+        steps_per_epoch,
+        start_step,
+        total_steps,
+    };
+    let mut batches = BatchPrefetcher::start(data, task.recipe(), plan, ctx.device)?;
     let mut means = RunningMeans::default();
     let mut epoch_means = RunningMeans::default();
-    let mut order = Vec::new();
-    let mut order_epoch = -1;
+    // Loss and accuracy stay on the device between reports: reading a value
+    // back waits for the device, so it happens once per report, not per step.
+    let mut window = DeviceSums::default();
     let mut final_means = Vec::new();
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(data.len(), config.seed, epoch);
-            order_epoch = epoch;
-        }
-        let within = (step % steps_per_epoch) as usize;
-        let indices = Tensor::from_slice(&order[within * batch_size..(within + 1) * batch_size]);
-        let images = data.images.index_select(0, &indices);
-        let mut rng = step_rng(config.seed, step);
-        let (loss, accuracy) = task.step(&trunk, &images, (&mean, &std), ctx.device, &mut rng);
+        let waiting = Instant::now();
+        let batch = batches.next(step)?;
+        means.add("batch_wait_ms", waiting.elapsed().as_secs_f64() * 1e3);
+        let (loss, accuracy) = task.step(&trunk, &batch, (&input.mean, &input.std), ctx.device);
         let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
         optimizer.set_lr(learning_rate);
         optimizer.backward_step(&loss);
-
-        let loss = f64::try_from(&loss)?;
-        let accuracy = f64::try_from(&accuracy)?;
-        means.add("loss", loss);
-        means.add("pretext_accuracy", accuracy);
+        window.add(&loss, &accuracy);
         means.add("learning_rate", learning_rate);
         means.add_images(batch_size as u64);
-        epoch_means.add("loss", loss);
-        epoch_means.add("pretext_accuracy", accuracy);
 
         let done = step + 1;
         let epoch_end = done % steps_per_epoch == 0 || done == total_steps;
         if done % REPORT_EVERY == 0 || epoch_end {
+            let (loss_sum, accuracy_sum, steps) = window.read()?;
+            means.add_sum("loss", loss_sum, steps);
+            means.add_sum("pretext_accuracy", accuracy_sum, steps);
+            epoch_means.add_sum("loss", loss_sum, steps);
+            epoch_means.add_sum("pretext_accuracy", accuracy_sum, steps);
             ctx.emit(TrainingEvent::Report {
                 epoch: epoch + 1,
                 step: done,
@@ -131,13 +142,8 @@ pub fn run_pretrain(
             return Ok(TrainingOutcome::Stopped(reason));
         }
     }
+    drop(batches);
 
-    let input = InputSpec {
-        image_size: config.image_size as u32,
-        channels,
-        mean,
-        std,
-    };
     let head_prefix = format!("{HEAD_PATH}.");
     save_model_weights(&vs, &ctx.model_weights, |name| {
         !name.starts_with(&head_prefix)
@@ -180,4 +186,35 @@ pub fn run_pretrain(
         pretext_config: Some(task.describe()),
         report,
     }))
+}
+
+/// Sums of per-step loss and accuracy kept on the device until read.
+#[derive(Default)]
+struct DeviceSums {
+    sums: Option<(Tensor, Tensor)>,
+    steps: u64,
+}
+
+impl DeviceSums {
+    /// Adds one step's loss and accuracy without reading them.
+    fn add(&mut self, loss: &Tensor, accuracy: &Tensor) {
+        let (loss, accuracy) = (
+            loss.detach().to_kind(Kind::Double),
+            accuracy.detach().to_kind(Kind::Double),
+        );
+        self.sums = Some(match self.sums.take() {
+            Some((l, a)) => (l + loss, a + accuracy),
+            None => (loss, accuracy),
+        });
+        self.steps += 1;
+    }
+
+    /// The sums and the number of steps since the last read; resets.
+    fn read(&mut self) -> anyhow::Result<(f64, f64, u64)> {
+        let steps = std::mem::take(&mut self.steps);
+        match self.sums.take() {
+            Some((loss, accuracy)) => Ok((f64::try_from(&loss)?, f64::try_from(&accuracy)?, steps)),
+            None => Ok((0.0, 0.0, 0)),
+        }
+    }
 }

@@ -153,6 +153,13 @@ impl RunningMeans {
         entry.1 += 1;
     }
 
+    /// Adds `count` values of a metric that sum to `sum`.
+    pub fn add_sum(&mut self, name: &'static str, sum: f64, count: u64) {
+        let entry = self.sums.entry(name).or_insert((0.0, 0));
+        entry.0 += sum;
+        entry.1 += count;
+    }
+
     /// Counts images processed, for throughput.
     pub fn add_images(&mut self, n: u64) {
         self.images += n;

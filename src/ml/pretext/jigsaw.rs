@@ -12,9 +12,12 @@
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
+use tch::Tensor;
+
+use super::ImageBatch;
 
 /// The fixed set of tile permutations a jigsaw network classifies.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -128,10 +131,10 @@ pub struct PuzzleShape {
     pub channel_jitter: f64,
 }
 
-/// Cuts one randomly shifted `tile_size` tile from each cell of a random
-/// `grid × grid` crop of `image` (`[C, S, S]`, float), in row-major order.
-pub fn cut_tiles(image: &Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> Vec<Tensor> {
-    let side = image.size()[1];
+/// Draws where the tiles of one `side`×`side` image are cut: a random
+/// `grid × grid` crop, then one randomly shifted `tile_size` tile per cell.
+/// Returns each tile's top-left corner `(y, x)`, cells in row-major order.
+pub fn draw_tile_corners(side: i64, shape: PuzzleShape, rng: &mut impl Rng) -> Vec<(i64, i64)> {
     let grid = shape.grid;
     let cell = side / grid;
     let crop = cell * grid;
@@ -143,71 +146,168 @@ pub fn cut_tiles(image: &Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> Vec<
             let (row, col) = (k / grid, k % grid);
             let y = oy + row * cell + rng.gen_range(0..=cell - t);
             let x = ox + col * cell + rng.gen_range(0..=cell - t);
-            image.narrow(1, y, t).narrow(2, x, t)
+            (y, x)
         })
         .collect()
 }
 
-/// Applies the colour shortcuts' remedies to tiles `[B, T, C, t, t]` (each
-/// puzzle grey with some probability, else its channels scaled and shifted),
-/// then normalises every tile by its own mean and standard deviation.
-pub fn colour_and_normalise(tiles: Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> Tensor {
-    let size = tiles.size();
-    let (batch, channels) = (size[0], size[2]);
-    let mut tiles = tiles;
-    if channels == 3 {
-        let gray_mask: Vec<f32> = (0..batch)
-            .map(|_| f32::from(rng.gen_bool(shape.grayscale_probability)))
-            .collect();
-        let jitter = shape.channel_jitter as f32;
-        let mut scale = Vec::with_capacity((batch * 3) as usize);
-        let mut shift = Vec::with_capacity((batch * 3) as usize);
-        for _ in 0..batch * 3 {
-            scale.push(1.0 + rng.gen_range(-1.0..=1.0f32) * jitter);
-            shift.push(rng.gen_range(-1.0..=1.0f32) * jitter);
-        }
-        let device = tiles.device();
-        let gray_mask = Tensor::from_slice(&gray_mask)
-            .view([batch, 1, 1, 1, 1])
-            .to_device(device);
-        let scale = Tensor::from_slice(&scale)
-            .view([batch, 1, 3, 1, 1])
-            .to_device(device);
-        let shift = Tensor::from_slice(&shift)
-            .view([batch, 1, 3, 1, 1])
-            .to_device(device);
-        let gray = tiles
-            .mean_dim(&[2i64][..], true, Kind::Float)
-            .expand_as(&tiles);
-        let jittered = &tiles * scale + shift;
-        tiles = &gray_mask * gray + (1.0 - &gray_mask) * jittered;
-    }
-    let mean = tiles.mean_dim(&[2i64, 3, 4][..], true, Kind::Float);
-    let std = tiles.std_dim(&[2i64, 3, 4][..], false, true);
-    (tiles - mean) / (std + 1e-3)
+/// The colour shortcuts' remedy drawn for one puzzle of a colour image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColourDraw {
+    /// Every tile of the puzzle turned grey.
+    pub grey: bool,
+    /// Otherwise each channel is scaled, then shifted.
+    pub scale: [f32; 3],
+    pub shift: [f32; 3],
 }
 
-/// Builds a batch of puzzles from uint8 images `[B, C, S, S]`: returns tiles
+/// Draws the colour remedy of each of `batch` puzzles: none for grey images;
+/// for colour images, first whether each puzzle goes grey, then per puzzle
+/// and channel a scale and shift in `1 ± jitter` and `± jitter`.
+pub fn draw_colours(
+    batch: usize,
+    channels: usize,
+    shape: PuzzleShape,
+    rng: &mut impl Rng,
+) -> Vec<Option<ColourDraw>> {
+    if channels != 3 {
+        return vec![None; batch];
+    }
+    let grey: Vec<bool> = (0..batch)
+        .map(|_| rng.gen_bool(shape.grayscale_probability))
+        .collect();
+    let jitter = shape.channel_jitter as f32;
+    grey.into_iter()
+        .map(|grey| {
+            let mut draw = ColourDraw {
+                grey,
+                scale: [1.0; 3],
+                shift: [0.0; 3],
+            };
+            for (scale, shift) in draw.scale.iter_mut().zip(draw.shift.iter_mut()) {
+                *scale = 1.0 + rng.gen_range(-1.0..=1.0f32) * jitter;
+                *shift = rng.gen_range(-1.0..=1.0f32) * jitter;
+            }
+            Some(draw)
+        })
+        .collect()
+}
+
+/// One puzzle to cut: which image, the corners of its tiles in output order,
+/// and its colour remedy.
+#[derive(Debug, Clone)]
+pub struct PuzzleCut<'a> {
+    pub image: &'a [u8],
+    pub corners: Vec<(i64, i64)>,
+    pub colour: Option<ColourDraw>,
+}
+
+/// Cuts every puzzle's tiles from its uint8 CHW image (`[channels, side,
+/// side]`), applies its colour remedy, and normalises every tile by its own
+/// mean and standard deviation. Puzzles are built in parallel into one
+/// buffer: `[puzzles, tiles, channels, t, t]`, float.
+pub fn cut_puzzles(cuts: &[PuzzleCut<'_>], channels: usize, side: usize, tile_size: i64) -> Tensor {
+    let t = tile_size as usize;
+    let tiles = cuts.first().map_or(0, |c| c.corners.len());
+    let tile_len = channels * t * t;
+    let mut out = vec![0f32; cuts.len() * tiles * tile_len];
+    out.par_chunks_mut((tiles * tile_len).max(1))
+        .zip(cuts.par_iter())
+        .for_each(|(puzzle, cut)| {
+            for (tile, &(y, x)) in puzzle.chunks_mut(tile_len).zip(&cut.corners) {
+                write_tile(tile, cut.image, channels, side, (y as usize, x as usize), t);
+                if let Some(colour) = cut.colour {
+                    apply_colour(tile, colour, t * t);
+                }
+                normalise_tile(tile);
+            }
+        });
+    Tensor::from_slice(&out).view([
+        cuts.len() as i64,
+        tiles as i64,
+        channels as i64,
+        tile_size,
+        tile_size,
+    ])
+}
+
+/// Copies the `t`×`t` window at `(y, x)` of a CHW uint8 image as floats in [0, 1].
+fn write_tile(
+    tile: &mut [f32],
+    image: &[u8],
+    channels: usize,
+    side: usize,
+    (y, x): (usize, usize),
+    t: usize,
+) {
+    for c in 0..channels {
+        for row in 0..t {
+            let from = c * side * side + (y + row) * side + x;
+            let to = (c * t + row) * t;
+            for (out, &p) in tile[to..to + t].iter_mut().zip(&image[from..from + t]) {
+                *out = f32::from(p) / 255.0;
+            }
+        }
+    }
+}
+
+/// Greys a three-channel tile (channel mean) or scales and shifts its channels.
+fn apply_colour(tile: &mut [f32], colour: ColourDraw, plane: usize) {
+    let (r, rest) = tile.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        if colour.grey {
+            let grey = (*r + *g + *b) / 3.0;
+            (*r, *g, *b) = (grey, grey, grey);
+        } else {
+            *r = *r * colour.scale[0] + colour.shift[0];
+            *g = *g * colour.scale[1] + colour.shift[1];
+            *b = *b * colour.scale[2] + colour.shift[2];
+        }
+    }
+}
+
+/// `(x - mean) / (std + 1e-3)` over the whole tile (population std).
+fn normalise_tile(tile: &mut [f32]) {
+    let n = tile.len() as f64;
+    let mean = tile.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let squares: f64 = tile.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum();
+    let std = (squares / n).sqrt();
+    let (mean, scale) = (mean as f32, 1.0 / (std as f32 + 1e-3));
+    for v in tile.iter_mut() {
+        *v = (*v - mean) * scale;
+    }
+}
+
+/// Builds a batch of puzzles from the uint8 images of `batch`: returns tiles
 /// `[B, T, C, t, t]` (float, normalised per tile) and permutation indices `[B]`.
 pub fn make_puzzles(
-    images: &Tensor,
+    batch: &ImageBatch<'_>,
     permutations: &JigsawPermutationSet,
     shape: PuzzleShape,
     rng: &mut impl Rng,
 ) -> (Tensor, Tensor) {
-    let batch = images.size()[0];
-    let pixels = images.to_kind(Kind::Float) / 255.0;
-    let mut puzzles = Vec::with_capacity(batch as usize);
-    let mut labels = Vec::with_capacity(batch as usize);
-    for b in 0..batch {
-        let tiles = cut_tiles(&pixels.get(b), shape, rng);
+    let [channels, side, _] = batch.shape;
+    let mut cuts = Vec::with_capacity(batch.len());
+    let mut labels = Vec::with_capacity(batch.len());
+    for b in 0..batch.len() {
+        let corners = draw_tile_corners(side as i64, shape, rng);
         let label = rng.gen_range(0..permutations.permutations.len());
         let order = &permutations.permutations[label];
-        let shuffled: Vec<&Tensor> = order.iter().map(|&k| &tiles[k as usize]).collect();
-        puzzles.push(Tensor::stack(&shuffled, 0));
+        cuts.push(PuzzleCut {
+            image: batch.image(b),
+            corners: order.iter().map(|&k| corners[k as usize]).collect(),
+            colour: None,
+        });
         labels.push(label as i64);
     }
-    let tiles = colour_and_normalise(Tensor::stack(&puzzles, 0), shape, rng);
+    for (cut, colour) in cuts
+        .iter_mut()
+        .zip(draw_colours(batch.len(), channels, shape, rng))
+    {
+        cut.colour = colour;
+    }
+    let tiles = cut_puzzles(&cuts, channels, side, shape.tile_size);
     (tiles, Tensor::from_slice(&labels))
 }
 
@@ -257,6 +357,7 @@ impl JigsawHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn permutation_sets_are_reproducible_distinct_and_spread() {
@@ -277,21 +378,101 @@ mod tests {
         assert_eq!(set.minimum_distance(), 2);
     }
 
-    #[test]
-    fn puzzles_have_the_right_shape_and_are_normalised_per_tile() {
-        let images = Tensor::randint(256, [4, 3, 32, 32], (Kind::Uint8, tch::Device::Cpu));
-        let set = JigsawPermutationSet::generate(3, 10, 0);
-        let shape = PuzzleShape {
+    fn shape() -> PuzzleShape {
+        PuzzleShape {
             grid: 3,
             tile_size: 9,
             grayscale_probability: 0.3,
             channel_jitter: 0.1,
+        }
+    }
+
+    /// The puzzles written with one tensor op at a time, image by image.
+    fn puzzles_with_tensor_ops(
+        images: &Tensor,
+        permutations: &JigsawPermutationSet,
+        shape: PuzzleShape,
+        rng: &mut impl Rng,
+    ) -> (Tensor, Tensor) {
+        let (batch, side) = (images.size()[0], images.size()[2]);
+        let pixels = images.to_kind(Kind::Float) / 255.0;
+        let mut puzzles = Vec::new();
+        let mut labels = Vec::new();
+        for b in 0..batch {
+            let corners = draw_tile_corners(side, shape, rng);
+            let label = rng.gen_range(0..permutations.permutations.len());
+            let tiles: Vec<Tensor> = permutations.permutations[label]
+                .iter()
+                .map(|&k| {
+                    let (y, x) = corners[k as usize];
+                    pixels
+                        .get(b)
+                        .narrow(1, y, shape.tile_size)
+                        .narrow(2, x, shape.tile_size)
+                })
+                .collect();
+            puzzles.push(Tensor::stack(&tiles, 0));
+            labels.push(label as i64);
+        }
+        let mut tiles = Tensor::stack(&puzzles, 0);
+        let colours = draw_colours(batch as usize, 3, shape, rng);
+        let mask: Vec<f32> = colours.iter().map(|c| f32::from(c.unwrap().grey)).collect();
+        let scale: Vec<f32> = colours.iter().flat_map(|c| c.unwrap().scale).collect();
+        let shift: Vec<f32> = colours.iter().flat_map(|c| c.unwrap().shift).collect();
+        let mask = Tensor::from_slice(&mask).view([batch, 1, 1, 1, 1]);
+        let grey = tiles
+            .mean_dim(&[2i64][..], true, Kind::Float)
+            .expand_as(&tiles);
+        let jittered = &tiles * Tensor::from_slice(&scale).view([batch, 1, 3, 1, 1])
+            + Tensor::from_slice(&shift).view([batch, 1, 3, 1, 1]);
+        tiles = &mask * grey + (1.0 - &mask) * jittered;
+        let mean = tiles.mean_dim(&[2i64, 3, 4][..], true, Kind::Float);
+        let std = tiles.std_dim(&[2i64, 3, 4][..], false, true);
+        ((tiles - mean) / (std + 1e-3), Tensor::from_slice(&labels))
+    }
+
+    #[test]
+    fn puzzles_match_the_tensor_op_definition_and_are_normalised_per_tile() {
+        let images = Tensor::randint(256, [6, 3, 32, 32], (Kind::Uint8, tch::Device::Cpu));
+        let pixels = Vec::<u8>::try_from(images.flatten(0, -1)).unwrap();
+        let indices: Vec<i64> = (0..6).collect();
+        let batch = ImageBatch {
+            pixels: &pixels,
+            shape: [3, 32, 32],
+            indices: &indices,
         };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (tiles, labels) = make_puzzles(&images, &set, shape, &mut rng);
-        assert_eq!(tiles.size(), [4, 9, 3, 9, 9]);
-        assert_eq!(labels.size(), [4]);
+        let set = JigsawPermutationSet::generate(3, 10, 0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (tiles, labels) = make_puzzles(&batch, &set, shape(), &mut rng);
+        assert_eq!(tiles.size(), [6, 9, 3, 9, 9]);
+        assert_eq!(labels.size(), [6]);
         let means = tiles.mean_dim(&[2i64, 3, 4][..], false, Kind::Float);
         assert!(f64::try_from(means.abs().max()).unwrap() < 1e-4);
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (expected, expected_labels) = puzzles_with_tensor_ops(&images, &set, shape(), &mut rng);
+        assert!(labels.equal(&expected_labels));
+        let difference = f64::try_from((tiles - expected).abs().max()).unwrap();
+        assert!(difference < 1e-4, "{difference}");
+    }
+
+    #[test]
+    fn puzzles_come_from_the_batch_images_in_order() {
+        // Image 1 of the dataset is constant, image 0 is not: a puzzle cut
+        // from a constant image normalises to all zeros.
+        let mut pixels: Vec<u8> = (0..2 * 32 * 32).map(|i| (i * 7 % 251) as u8).collect();
+        pixels[32 * 32..].fill(90);
+        let indices = [1, 0];
+        let batch = ImageBatch {
+            pixels: &pixels,
+            shape: [1, 32, 32],
+            indices: &indices,
+        };
+        let set = JigsawPermutationSet::generate(3, 10, 0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (tiles, _) = make_puzzles(&batch, &set, shape(), &mut rng);
+        assert_eq!(tiles.size(), [2, 9, 1, 9, 9]);
+        assert_eq!(f64::try_from(tiles.get(0).abs().max()).unwrap(), 0.0);
+        assert!(f64::try_from(tiles.get(1).abs().max()).unwrap() > 0.5);
     }
 }

@@ -6,9 +6,10 @@
 
 use rand::Rng;
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::jigsaw::{colour_and_normalise, cut_tiles, PuzzleShape};
+use super::jigsaw::{cut_puzzles, draw_colours, draw_tile_corners, PuzzleCut, PuzzleShape};
+use super::ImageBatch;
 
 /// The cells around the centre of a 3×3 grid, in row-major order.
 const NEIGHBOURS: [usize; 8] = [0, 1, 2, 3, 5, 6, 7, 8];
@@ -50,21 +51,31 @@ impl RelativePositionHead {
 }
 
 /// Pairs `[B, 2, C, t, t]` (centre first) and neighbour positions `[B]` from
-/// uint8 images `[B, C, S, S]`.
-pub fn make_pairs(images: &Tensor, shape: PuzzleShape, rng: &mut impl Rng) -> (Tensor, Tensor) {
-    let batch = images.size()[0];
-    let pixels = images.to_kind(Kind::Float) / 255.0;
-    let mut pairs = Vec::with_capacity(batch as usize);
-    let mut labels = Vec::with_capacity(batch as usize);
-    for b in 0..batch {
-        let tiles = cut_tiles(&pixels.get(b), shape, rng);
+/// the uint8 images of `batch`.
+pub fn make_pairs(
+    batch: &ImageBatch<'_>,
+    shape: PuzzleShape,
+    rng: &mut impl Rng,
+) -> (Tensor, Tensor) {
+    let [channels, side, _] = batch.shape;
+    let mut cuts = Vec::with_capacity(batch.len());
+    let mut labels = Vec::with_capacity(batch.len());
+    for b in 0..batch.len() {
+        let corners = draw_tile_corners(side as i64, shape, rng);
         let position = rng.gen_range(0..NEIGHBOURS.len());
-        pairs.push(Tensor::stack(
-            &[&tiles[CENTRE], &tiles[NEIGHBOURS[position]]],
-            0,
-        ));
+        cuts.push(PuzzleCut {
+            image: batch.image(b),
+            corners: vec![corners[CENTRE], corners[NEIGHBOURS[position]]],
+            colour: None,
+        });
         labels.push(position as i64);
     }
-    let pairs = colour_and_normalise(Tensor::stack(&pairs, 0), shape, rng);
+    for (cut, colour) in cuts
+        .iter_mut()
+        .zip(draw_colours(batch.len(), channels, shape, rng))
+    {
+        cut.colour = colour;
+    }
+    let pairs = cut_puzzles(&cuts, channels, side, shape.tile_size);
     (pairs, Tensor::from_slice(&labels))
 }

@@ -26,22 +26,18 @@ impl RotationHead {
     }
 }
 
-/// Every image of a normalised batch `[B, C, S, S]` (randomly flipped
-/// left-right first) in its four rotations: inputs `[4B, C, S, S]` and
-/// labels `[4B]` (quarter turns).
-pub fn make_rotations(images: &Tensor, rng: &mut impl Rng) -> (Tensor, Tensor) {
+/// Which images of a batch of `batch` are flipped left-right before rotating.
+pub fn draw_flips(batch: usize, rng: &mut impl Rng) -> Vec<bool> {
+    (0..batch).map(|_| rng.gen_bool(0.5)).collect()
+}
+
+/// Every image of a normalised batch `[B, C, S, S]` (flipped left-right
+/// first where `flips` says so) in its four rotations: inputs `[4B, C, S, S]`
+/// and labels `[4B]` (quarter turns).
+pub fn make_rotations(images: &Tensor, flips: &Tensor) -> (Tensor, Tensor) {
     let batch = images.size()[0];
-    let flips: Vec<Tensor> = (0..batch)
-        .map(|b| {
-            let image = images.get(b);
-            if rng.gen_bool(0.5) {
-                image.flip([2])
-            } else {
-                image
-            }
-        })
-        .collect();
-    let images = Tensor::stack(&flips, 0);
+    let flips = flips.to_device(images.device()).view([batch, 1, 1, 1]);
+    let images = images.flip([3]).where_self(&flips, images);
     let rotated: Vec<Tensor> = (0..4).map(|k| images.rot90(k, [2, 3])).collect();
     let labels = Tensor::arange(4, (Kind::Int64, images.device()))
         .repeat_interleave_self_int(batch, 0, None);
@@ -51,20 +47,22 @@ pub fn make_rotations(images: &Tensor, rng: &mut impl Rng) -> (Tensor, Tensor) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn rotations_come_in_quarter_turns_with_their_labels() {
         let images =
             Tensor::arange(2 * 3 * 4 * 4, (Kind::Float, tch::Device::Cpu)).view([2, 3, 4, 4]);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (inputs, labels) = make_rotations(&images, &mut rng);
+        let flips = Tensor::from_slice(&[true, false]);
+        let (inputs, labels) = make_rotations(&images, &flips);
         assert_eq!(inputs.size(), [8, 3, 4, 4]);
         assert_eq!(
             Vec::<i64>::try_from(labels).unwrap(),
             [0, 0, 1, 1, 2, 2, 3, 3]
         );
-        // Two quarter turns equal a half turn of the unrotated (possibly flipped) image.
+        // The first image is flipped, the second is not.
+        assert!(inputs.get(0).equal(&images.get(0).flip([2])));
+        assert!(inputs.get(1).equal(&images.get(1)));
+        // Two quarter turns equal a half turn of the unrotated (flipped) image.
         let half = inputs.get(4);
         let twice = inputs.get(0).rot90(2, [1, 2]);
         assert!(half.allclose(&twice, 0.0, 0.0, false));
