@@ -1,6 +1,7 @@
 //! Wiring: configuration → storage → database (created and migrated) →
 //! inference executor and training workers → HTTP server, and a shutdown that
-//! waits for all of them.
+//! waits for all of them. [`Application`] is `pretext serve` (the API, with
+//! or without workers); [`WorkerProcess`] is `pretext worker` (workers alone).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, WorkerConfig};
 use crate::db::connect_and_migrate;
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
@@ -33,29 +34,19 @@ pub struct Application {
 impl Application {
     /// Connects, migrates, starts workers and binds the listener.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
-        let storage = Storage::open(&config.data_dir)?;
-        let pool = connect_and_migrate(&config.database_url).await?;
-        let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
+        let shutdown = CancellationToken::new();
+        let Workers {
+            storage,
+            pool,
+            devices,
+            tasks: workers,
+        } = Workers::start(&config.worker, &shutdown).await?;
+        let worker_count = workers.len();
         let inference_device = if config.inference_device == "auto" {
             devices[0]
         } else {
             parse_device(&config.inference_device).map_err(anyhow::Error::msg)?
         };
-        let worker_count = config.workers.unwrap_or(devices.len());
-        let shutdown = CancellationToken::new();
-        let settings = WorkerSettings {
-            lease: Duration::from_secs(config.lease_secs.max(1)),
-            poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
-            max_image_pixels: config.max_image_pixels,
-        };
-        let workers = spawn_workers(
-            &pool,
-            &storage,
-            &devices,
-            worker_count,
-            &settings,
-            &shutdown,
-        )?;
         let inference = InferenceExecutor::start(inference_device, config.model_cache_size)?;
         let listener = TcpListener::bind(config.bind)
             .await
@@ -64,7 +55,7 @@ impl Application {
             devices = ?devices.iter().map(|d| device_name(*d)).collect::<Vec<_>>(),
             workers = worker_count,
             inference = %device_name(inference_device),
-            storage = %storage.root().display(),
+            storage = %storage.url(),
             "pretext ready"
         );
         let state = AppState {
@@ -109,14 +100,93 @@ impl Application {
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
             .context("the HTTP server failed")?;
-        let drained = tokio::time::timeout(
-            WORKER_SHUTDOWN_GRACE,
-            futures_util::future::join_all(self.workers),
-        )
-        .await;
-        if drained.is_err() {
-            tracing::warn!("workers did not stop within {WORKER_SHUTDOWN_GRACE:?}; exiting anyway");
-        }
+        drain_workers(self.workers).await;
+        Ok(())
+    }
+}
+
+/// Storage, database and the training workers of one process.
+struct Workers {
+    storage: Storage,
+    pool: sqlx::PgPool,
+    devices: Vec<tch::Device>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Opens storage, connects and migrates, and starts the configured
+    /// number of workers (one per device unless told otherwise).
+    async fn start(config: &WorkerConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        let storage = Storage::from_url(config.storage_url.as_deref(), &config.data_dir)?;
+        let pool = connect_and_migrate(&config.database_url).await?;
+        let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
+        let count = config.workers.unwrap_or(devices.len());
+        let settings = WorkerSettings {
+            lease: Duration::from_secs(config.lease_secs.max(1)),
+            poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
+            max_image_pixels: config.max_image_pixels,
+        };
+        let tasks = spawn_workers(&pool, &storage, &devices, count, &settings, shutdown)?;
+        Ok(Self {
+            storage,
+            pool,
+            devices,
+            tasks,
+        })
+    }
+}
+
+/// Waits for workers to checkpoint and release their jobs, at most
+/// [`WORKER_SHUTDOWN_GRACE`].
+async fn drain_workers(workers: Vec<JoinHandle<()>>) {
+    let drained = tokio::time::timeout(
+        WORKER_SHUTDOWN_GRACE,
+        futures_util::future::join_all(workers),
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("workers did not stop within {WORKER_SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+}
+
+/// A process running training workers without the HTTP API.
+pub struct WorkerProcess {
+    workers: Vec<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+impl WorkerProcess {
+    /// Connects, migrates and starts the workers.
+    pub async fn start(config: WorkerConfig) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let workers = Workers::start(&config, &shutdown).await?;
+        tracing::info!(
+            devices = ?workers.devices.iter().map(|d| device_name(*d)).collect::<Vec<_>>(),
+            workers = workers.tasks.len(),
+            storage = %workers.storage.url(),
+            "pretext workers ready"
+        );
+        Ok(Self {
+            workers: workers.tasks,
+            shutdown,
+        })
+    }
+
+    /// How many workers run in this process.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// A token that stops the workers when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then waits for workers to
+    /// checkpoint and release their jobs.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        drain_workers(self.workers).await;
         Ok(())
     }
 }

@@ -1,12 +1,14 @@
-//! Service configuration: one `clap` struct, every field settable by flag or
-//! environment variable.
+//! Service configuration: one `clap` struct per process kind, every field
+//! settable by flag or environment variable. The flags a training worker needs
+//! live in [`WorkerConfig`], which `serve` flattens into its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Configuration of `pretext serve`.
+/// Configuration of `pretext worker`: the database, storage, devices and
+/// queue settings that `serve` shares.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ServeConfig {
+pub struct WorkerConfig {
     /// Postgres connection string; the database is created if it is missing.
     #[arg(
         long,
@@ -15,13 +17,15 @@ pub struct ServeConfig {
     )]
     pub database_url: String,
 
-    /// Address the HTTP API listens on.
-    #[arg(long, env = "PRETEXT_BIND", default_value = "127.0.0.1:8080")]
-    pub bind: SocketAddr,
-
-    /// Folder holding datasets, checkpoints and model weights.
+    /// Folder holding datasets, checkpoints and model weights; with an
+    /// `s3://` storage URL, this process's local copy of what it uses.
     #[arg(long, env = "PRETEXT_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+
+    /// Where artifacts are kept: `file://<folder>` (the data folder by
+    /// default) or `s3://<bucket>/<prefix>`, shared by every process.
+    #[arg(long, env = "PRETEXT_STORAGE_URL")]
+    pub storage_url: Option<String>,
 
     /// Training workers to run in this process: one per device by default;
     /// 0 runs the API alone.
@@ -33,10 +37,6 @@ pub struct ServeConfig {
     #[arg(long, env = "PRETEXT_DEVICES", default_value = "auto")]
     pub devices: String,
 
-    /// Device for inference: `auto` (the first CUDA GPU, else the CPU), `cpu` or `cuda:N`.
-    #[arg(long, env = "PRETEXT_INFERENCE_DEVICE", default_value = "auto")]
-    pub inference_device: String,
-
     /// Seconds a claimed job's lease lasts; a heartbeat renews it at a third of that.
     #[arg(long, env = "PRETEXT_LEASE_SECS", default_value_t = 30)]
     pub lease_secs: u64,
@@ -44,6 +44,25 @@ pub struct ServeConfig {
     /// Milliseconds between queue polls when no notification arrives.
     #[arg(long, env = "PRETEXT_POLL_INTERVAL_MS", default_value_t = 2000)]
     pub poll_interval_ms: u64,
+
+    /// Most pixels (width × height) one image may claim before it is refused.
+    #[arg(long, env = "PRETEXT_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+}
+
+/// Configuration of `pretext serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "PRETEXT_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Device for inference: `auto` (the first CUDA GPU, else the CPU), `cpu` or `cuda:N`.
+    #[arg(long, env = "PRETEXT_INFERENCE_DEVICE", default_value = "auto")]
+    pub inference_device: String,
 
     /// Largest accepted archive upload, in bytes.
     #[arg(long, env = "PRETEXT_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
@@ -56,10 +75,6 @@ pub struct ServeConfig {
     /// Most bytes an archive may expand to.
     #[arg(long, env = "PRETEXT_MAX_UNCOMPRESSED_BYTES", default_value_t = 16 << 30)]
     pub max_uncompressed_bytes: u64,
-
-    /// Most pixels (width × height) one image may claim before it is refused.
-    #[arg(long, env = "PRETEXT_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
-    pub max_image_pixels: u64,
 
     /// Largest body accepted by `/embed` and `/classify`, in bytes.
     #[arg(long, env = "PRETEXT_MAX_INFERENCE_BYTES", default_value_t = 64 << 20)]
@@ -84,8 +99,8 @@ impl ServeConfig {
             config: ServeConfig,
         }
         let mut config = Wrapper::parse_from(["pretext"]).config;
-        config.database_url = database_url.to_string();
-        config.data_dir = data_dir;
+        config.worker.database_url = database_url.to_string();
+        config.worker.data_dir = data_dir;
         config.bind = "127.0.0.1:0".parse().expect("valid address");
         config
     }

@@ -2,8 +2,8 @@
 //! Ctrl-C or SIGTERM, or runs one client command against a running service.
 
 use clap::{Parser, Subcommand};
-use pretext::app::Application;
-use pretext::config::ServeConfig;
+use pretext::app::{Application, WorkerProcess};
+use pretext::config::{ServeConfig, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Self-supervised pretraining and transfer as an HTTP service.
@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP API and the training workers (the default).
     Serve(ServeConfig),
+    /// Run training workers alone, without the HTTP API.
+    Worker(WorkerConfig),
     #[command(flatten)]
     Client(pretext::cli::Command),
 }
@@ -58,6 +60,7 @@ async fn main() {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
+        Some(Command::Worker(config)) => exit_on_error(run_workers(config).await),
         Some(Command::Client(command)) => std::process::exit(pretext::cli::run(command).await),
         None => cli.serve,
     };
@@ -68,8 +71,20 @@ async fn main() {
         app.run_until_stopped().await
     }
     .await;
+    exit_on_error(result)
+}
+
+async fn run_workers(config: WorkerConfig) -> anyhow::Result<()> {
+    let process = WorkerProcess::start(config).await?;
+    println!("pretext running {} workers", process.worker_count());
+    tokio::spawn(wait_for_signal(process.shutdown_token()));
+    process.run_until_stopped().await
+}
+
+fn exit_on_error(result: anyhow::Result<()>) -> ! {
     if let Err(error) = result {
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }
+    std::process::exit(0)
 }

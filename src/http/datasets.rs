@@ -198,7 +198,7 @@ async fn ingest_upload(
     let limits = ArchiveLimits {
         max_entries: state.config.max_archive_entries,
         max_uncompressed_bytes: state.config.max_uncompressed_bytes,
-        max_image_pixels: state.config.max_image_pixels,
+        max_image_pixels: state.config.worker.max_image_pixels,
     };
     let archive = upload_path.to_path_buf();
     let dir = dataset_dir.clone();
@@ -212,13 +212,17 @@ async fn ingest_upload(
             return Err(error);
         }
     };
+    if let Err(error) = state.storage.publish_dataset(id).await {
+        let _ = state.storage.remove_dataset(id).await;
+        return Err(error.context("Failed to share the dataset").into());
+    }
     match insert_dataset(&state.pool, id, &name, &report).await {
         Ok(dataset) => {
             tracing::info!(dataset_id = %id, images = dataset.num_images, "dataset stored");
             Ok(dataset)
         }
         Err(error) => {
-            let _ = state.storage.remove_dir(&dataset_dir);
+            let _ = state.storage.remove_dataset(id).await;
             Err(error.into())
         }
     }
@@ -251,7 +255,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     match delete_dataset(&state.pool, id).await? {
         DeleteOutcome::Deleted => {
-            state.storage.remove_dir(&state.storage.dataset_dir(id))?;
+            state.storage.remove_dataset(id).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(format!("no dataset with id {id}"))),

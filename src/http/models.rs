@@ -75,7 +75,7 @@ pub async fn delete(
     match delete_model(&state.pool, id).await? {
         DeleteOutcome::Deleted => {
             state.inference.evict(id);
-            state.storage.remove_dir(&state.storage.model_dir(id))?;
+            state.storage.remove_model(id).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(format!("no model with id {id}"))),
@@ -91,6 +91,7 @@ pub async fn weights(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
     let model = find_model(&state, id).await?;
+    state.storage.fetch_model(model.id).await?;
     let path = state.storage.model_weights(model.id);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         ApiError::Internal(
@@ -127,7 +128,7 @@ async fn prepare_images(
     .await?;
     let size = model.input.0.image_size;
     let channels = model.input.0.channels;
-    let max_pixels = state.config.max_image_pixels;
+    let max_pixels = state.config.worker.max_image_pixels;
     tokio::task::spawn_blocking(move || {
         parts
             .par_iter()
@@ -165,6 +166,7 @@ async fn infer(
         num_classes: (model.kind == "classifier").then_some(model.classes.0.len()),
         weights: state.storage.model_weights(model.id),
     };
+    state.storage.fetch_model(model.id).await?;
     state
         .inference
         .run(handle, task, images)

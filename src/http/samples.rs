@@ -42,6 +42,7 @@ pub async fn sample(
             dataset.num_images - 1
         )));
     }
+    state.storage.fetch_dataset(id).await?;
     let dataset_dir = state.storage.dataset_dir(id);
     let path = tokio::task::spawn_blocking(move || {
         let manifest = Manifest::read(&dataset_dir)?;

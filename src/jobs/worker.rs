@@ -259,6 +259,12 @@ impl Worker {
             },
             None => None,
         };
+        if let Err(error) = self.fetch_inputs(&job, &dataset, base.as_ref()).await {
+            let end = JobEnd::Retryable(format!("{error:#}"));
+            tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "inputs unavailable");
+            finish_job(&self.pool, job.id, self.id, &end).await?;
+            return Ok(());
+        }
         let evaluation = match self.evaluation_data(&job, &dataset).await? {
             Ok(evaluation) => evaluation,
             Err(reason) => {
@@ -301,6 +307,7 @@ impl Worker {
             tokio::select! {
                 result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
                 Some(event) = events.recv() => {
+                    self.publish_if_checkpoint(&job, &event).await;
                     match self.record_event(&job, &mut progress, event).await {
                         Ok(true) => {}
                         Ok(false) => {
@@ -330,6 +337,7 @@ impl Worker {
             }
         };
         while let Ok(event) = events.try_recv() {
+            self.publish_if_checkpoint(&job, &event).await;
             match self.record_event(&job, &mut progress, event).await {
                 Ok(true) => {}
                 Ok(false) => lease_lost = true,
@@ -342,6 +350,13 @@ impl Worker {
         }
         match result {
             Ok(TrainingOutcome::Finished(artifact)) => {
+                if let Err(error) = self.storage.publish_model(model_id).await {
+                    self.storage.remove_model(model_id).await?;
+                    let end = JobEnd::Retryable(format!("{error:#}"));
+                    tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "model not published");
+                    finish_job(&self.pool, job.id, self.id, &end).await?;
+                    return Ok(());
+                }
                 progress.step = progress.steps;
                 progress.epoch = progress.epochs;
                 let base_pretext = base.and_then(|b| b.pretext);
@@ -358,10 +373,10 @@ impl Worker {
                 match written {
                     Ok(true) => {
                         tracing::info!(job_id = %job.id, %model_id, "job succeeded");
-                        self.storage.remove_dir(&self.storage.job_dir(job.id))?;
+                        self.storage.remove_checkpoint(job.id).await?;
                     }
                     other => {
-                        self.storage.remove_dir(&self.storage.model_dir(model_id))?;
+                        self.storage.remove_model(model_id).await?;
                         other?;
                     }
                 }
@@ -375,7 +390,7 @@ impl Worker {
             }
             Ok(TrainingOutcome::Stopped(StopReason::Cancel)) => {
                 finish_job(&self.pool, job.id, self.id, &JobEnd::Cancelled).await?;
-                self.storage.remove_dir(&self.storage.job_dir(job.id))?;
+                self.storage.remove_checkpoint(job.id).await?;
                 tracing::info!(job_id = %job.id, "job cancelled");
             }
             Ok(TrainingOutcome::Stopped(StopReason::Release)) => {
@@ -389,6 +404,39 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Brings the job's datasets, base model and last checkpoint into the
+    /// local folder when storage is shared through object storage.
+    async fn fetch_inputs(
+        &self,
+        job: &Job,
+        dataset: &Dataset,
+        base: Option<&Model>,
+    ) -> anyhow::Result<()> {
+        self.storage.fetch_dataset(dataset.id).await?;
+        for key in ["eval_dataset_id", "test_dataset_id"] {
+            let other = job.config.0.get(key).and_then(|v| v.as_str());
+            if let Some(id) = other.and_then(|s| s.parse::<Uuid>().ok()) {
+                if get_dataset(&self.pool, id).await?.is_some() {
+                    self.storage.fetch_dataset(id).await?;
+                }
+            }
+        }
+        if let Some(base) = base {
+            self.storage.fetch_model(base.id).await?;
+        }
+        self.storage.fetch_checkpoint(job.id).await
+    }
+
+    /// Shares a checkpoint the training thread just wrote, before its step is
+    /// recorded, so a recorded checkpoint step is one other workers can fetch.
+    async fn publish_if_checkpoint(&self, job: &Job, event: &TrainingEvent) {
+        if matches!(event, TrainingEvent::Checkpoint { .. }) {
+            if let Err(error) = self.storage.publish_checkpoint(job.id).await {
+                tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "checkpoint not published");
+            }
+        }
     }
 
     /// The labelled data a job evaluates on, or why it cannot run.

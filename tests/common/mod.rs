@@ -14,6 +14,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+pub mod processes;
+
 /// Postgres server the tests use; each test gets its own database on it.
 pub fn postgres_server() -> String {
     std::env::var("PRETEXT_TEST_POSTGRES")
@@ -64,11 +66,11 @@ impl Default for TestOptions {
 /// Configuration of a test server.
 pub fn test_config(options: &TestOptions, database_url: &str, data_dir: PathBuf) -> ServeConfig {
     let mut config = ServeConfig::with_database(database_url, data_dir);
-    config.workers = Some(options.workers);
-    config.devices = "cpu".to_string();
+    config.worker.workers = Some(options.workers);
+    config.worker.devices = "cpu".to_string();
     config.inference_device = "cpu".to_string();
-    config.lease_secs = options.lease_secs;
-    config.poll_interval_ms = 200;
+    config.worker.lease_secs = options.lease_secs;
+    config.worker.poll_interval_ms = 200;
     if let Some(v) = options.max_upload_bytes {
         config.max_upload_bytes = v;
     }
