@@ -170,13 +170,17 @@ def parse_wrk(output):
         match = re.search(pattern, output)
         return match.group(1) if match else default
 
+    def latency(percentile):
+        value = find(rf"\s{percentile}%\s+([\d.]+\w+)")
+        return milliseconds(value) if value else float("nan")
+
     errors = find(r"Non-2xx or 3xx responses: (\d+)", "0")
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return {
         "requests": int(find(r"(\d+) requests in")),
         "requests_per_s": float(find(r"Requests/sec:\s+([\d.]+)")),
-        "p50_ms": milliseconds(find(r"\s50%\s+([\d.]+\w+)")),
-        "p99_ms": milliseconds(find(r"\s99%\s+([\d.]+\w+)")),
+        "p50_ms": latency(50),
+        "p99_ms": latency(99),
         "non_2xx": int(errors),
         "socket_errors": sum(int(g) for g in socket.groups()) if socket else 0,
     }
@@ -219,6 +223,11 @@ def main():
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=int, default=2)
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of both servers (OMP_NUM_THREADS for pretext); default LibTorch's",
+    )
     parser.add_argument("--output", default="serve", help="name of the results files")
     parser.add_argument(
         "--binary",
@@ -238,6 +247,8 @@ def main():
     subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", DATABASE], check=True)
 
     server_env = dict(env, PRETEXT_API_KEY=API_KEY, RUST_LOG="info,tower_http=warn,sqlx=warn")
+    if args.threads:
+        server_env["OMP_NUM_THREADS"] = str(args.threads)
     server_command = [
         args.binary, "serve",
         "--bind", f"127.0.0.1:{OURS_PORT}",
@@ -301,7 +312,9 @@ def main():
                 log(f"c={concurrency} {side}: {row[side]['requests_per_s']:.1f} req/s, "
                     f"p50 {row[side]['p50_ms']:.2f} ms, p99 {row[side]['p99_ms']:.2f} ms "
                     f"({load})")
-            row["ratio"] = row["pretext"]["requests_per_s"] / row["reference"]["requests_per_s"]
+            reference_rate = row["reference"]["requests_per_s"]
+            # None: the reference completed no request within the duration.
+            row["ratio"] = row["pretext"]["requests_per_s"] / reference_rate if reference_rate else None
             runs.append(row)
 
         metrics = request(f"{base}/metrics").decode()
@@ -342,6 +355,10 @@ def main():
     log(f"wrote bench/results/{args.output}.md and .json")
 
 
+def ratio(value):
+    return "n/a (reference finished none)" if value is None else f"{value:.2f}x"
+
+
 def markdown(report):
     lines = [
         "# Serving benchmark: pretext vs FastAPI + PyTorch",
@@ -366,7 +383,7 @@ def markdown(report):
         lines.append(
             f"| {run['concurrency']} | {ours['requests_per_s']:.1f} | {ours['p50_ms']:.2f} | "
             f"{ours['p99_ms']:.2f} | {ref['requests_per_s']:.1f} | {ref['p50_ms']:.2f} | "
-            f"{ref['p99_ms']:.2f} | {run['ratio']:.2f}x | {load(ours)} / {load(ref)} |"
+            f"{ref['p99_ms']:.2f} | {ratio(run['ratio'])} | {load(ours)} / {load(ref)} |"
         )
     errors = [
         f"c={r['concurrency']} {side}: {r[side]['non_2xx']} non-2xx, {r[side]['socket_errors']} socket errors"
