@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
 
-.PHONY: setup build run test lint check-postgres browser-setup bench-train
+.PHONY: setup build run test lint check-postgres browser-setup bench-train bench-setup
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -21,6 +21,10 @@ $(SETUP_STAMP):
 
 ## setup: install LibTorch (torch $(TORCH_VERSION) from PyPI) into $(VENV)
 setup: $(SETUP_STAMP)
+
+## bench-setup: the serving benchmark's reference server (FastAPI + uvicorn) in $(VENV)
+bench-setup: setup
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check fastapi uvicorn python-multipart
 
 ## build: compile the release binary
 build: setup

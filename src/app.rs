@@ -17,7 +17,7 @@ use crate::db::connect_and_migrate;
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
 use crate::ml::device::{device_name, parse_device, parse_devices};
-use crate::ml::inference::InferenceExecutor;
+use crate::ml::inference::{InferenceExecutor, InferenceSettings};
 use crate::storage::Storage;
 
 /// How long shutdown waits for running jobs to checkpoint and let go.
@@ -47,7 +47,15 @@ impl Application {
         } else {
             parse_device(&config.inference_device).map_err(anyhow::Error::msg)?
         };
-        let inference = InferenceExecutor::start(inference_device, config.model_cache_size)?;
+        let inference = InferenceExecutor::start(
+            inference_device,
+            InferenceSettings {
+                cache_size: config.model_cache_size,
+                max_batch_size: config.max_batch_size,
+                max_batch_delay: Duration::from_millis(config.max_batch_delay_ms),
+                queue_depth: config.inference_queue_depth,
+            },
+        )?;
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("Failed to listen on {}", config.bind))?;
@@ -55,6 +63,7 @@ impl Application {
             devices = ?devices.iter().map(|d| device_name(*d)).collect::<Vec<_>>(),
             workers = worker_count,
             inference = %device_name(inference_device),
+            intra_op_threads = tch::get_num_threads(),
             storage = %storage.url(),
             "pretext ready"
         );

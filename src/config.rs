@@ -87,6 +87,22 @@ pub struct ServeConfig {
     /// Loaded models kept in memory for inference (least recently used evicted).
     #[arg(long, env = "PRETEXT_MODEL_CACHE_SIZE", default_value_t = 4)]
     pub model_cache_size: usize,
+
+    /// Most images merged into one inference forward pass: concurrent
+    /// `/embed` and `/classify` requests for the same model share a batch up
+    /// to this size; a larger request runs on its own.
+    #[arg(long, env = "PRETEXT_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+
+    /// Longest wait, in milliseconds, for more requests to join a batch after
+    /// its first was queued (only while other requests are being decoded).
+    #[arg(long, env = "PRETEXT_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    pub max_batch_delay_ms: u64,
+
+    /// Inference requests that may wait for the executor; beyond that the API
+    /// answers `503` with `Retry-After`.
+    #[arg(long, env = "PRETEXT_INFERENCE_QUEUE_DEPTH", default_value_t = 64)]
+    pub inference_queue_depth: usize,
 }
 
 impl ServeConfig {

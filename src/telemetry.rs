@@ -97,7 +97,7 @@ impl Telemetry {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "pretext_inference_batch_size",
-                        "Images per inference request",
+                        "Images per inference forward pass (concurrent requests merged)",
                     )
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
                 )?,
@@ -177,10 +177,14 @@ pub fn observe_job_released(job: &Job) {
     }
 }
 
-/// Records one inference request as the executor picks it up.
-pub fn observe_inference_queued(batch_size: usize, waited: Duration) {
-    TELEMETRY.inference_batch_size.observe(batch_size as f64);
+/// Records how long one inference request waited for its batch to start.
+pub fn observe_inference_queued(waited: Duration) {
     TELEMETRY.inference_queue.observe(waited.as_secs_f64());
+}
+
+/// Records the images of one merged inference batch.
+pub fn observe_inference_batch(images: usize) {
+    TELEMETRY.inference_batch_size.observe(images as f64);
 }
 
 /// Records the time of one inference forward pass.

@@ -155,6 +155,7 @@ async fn infer(
     task: InferenceTask,
     request: Request,
 ) -> Result<InferenceOutput, ApiError> {
+    let arrival = state.inference.announce();
     let images = prepare_images(state, model, request).await?;
     let backbone = Backbone::from_name(&model.backbone).ok_or_else(|| {
         anyhow::anyhow!("model {} has unknown backbone {}", model.id, model.backbone)
@@ -169,7 +170,7 @@ async fn infer(
     state.storage.fetch_model(model.id).await?;
     state
         .inference
-        .run(handle, task, images)
+        .run(handle, task, images, arrival)
         .await
         .map_err(|e| match e {
             InferenceError::Busy => ApiError::Unavailable {

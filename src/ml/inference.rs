@@ -1,11 +1,30 @@
 //! Inference: one executor thread per device owning a bounded cache of
-//! loaded models (least recently used evicted). HTTP handlers decode images
-//! elsewhere and send preprocessed pixels here through a bounded queue; when
-//! the queue is full they are told to retry rather than grow memory.
+//! loaded models (least recently used evicted), which merges concurrent
+//! requests for the same model into one forward pass (dynamic batching).
+//! HTTP handlers decode images elsewhere and send preprocessed pixels here;
+//! when too many requests wait they are told to retry rather than grow memory.
+//!
+//! # Batching
+//! The executor takes the oldest waiting request, then adds every waiting
+//! request for the same model (embed and classify alike: both start with the
+//! same trunk forward) until the batch holds `max_batch_size` images. While
+//! more requests are still being decoded it waits for them, but never longer
+//! than `max_batch_delay` after the first request was queued; with nothing on
+//! its way it runs at once, so a lone client pays no delay. A request with
+//! more images than `max_batch_size` runs on its own. Requests for another
+//! model wait for the next batch, in arrival order.
+//!
+//! One executor thread per device is deliberate: on a GPU one stream is fed
+//! best by large batches, and on the CPU LibTorch already spreads one
+//! forward pass over its intra-op threads (one per core); a second executor
+//! would only make two batches compete for the same cores.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tch::nn::{self, Module};
@@ -31,7 +50,7 @@ pub struct ModelHandle {
 }
 
 /// What to compute.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InferenceTask {
     Embed,
     Classify,
@@ -45,15 +64,30 @@ pub enum InferenceOutput {
     Probabilities(Vec<Vec<f32>>),
 }
 
+/// How the executor batches and how much it holds.
+#[derive(Debug, Clone)]
+pub struct InferenceSettings {
+    /// Loaded models kept in memory.
+    pub cache_size: usize,
+    /// Most images merged into one forward pass.
+    pub max_batch_size: usize,
+    /// Longest wait for more requests after the first of a batch was queued.
+    pub max_batch_delay: Duration,
+    /// Requests waiting for the executor before new ones are refused.
+    pub queue_depth: usize,
+}
+
+struct Request {
+    model: ModelHandle,
+    task: InferenceTask,
+    /// Each image `C×S×S` uint8, already at the model's input size.
+    images: Vec<Vec<u8>>,
+    reply: oneshot::Sender<anyhow::Result<InferenceOutput>>,
+    enqueued: Instant,
+}
+
 enum Message {
-    Run {
-        model: ModelHandle,
-        task: InferenceTask,
-        /// Each image `C×S×S` uint8, already at the model's input size.
-        images: Vec<Vec<u8>>,
-        reply: oneshot::Sender<anyhow::Result<InferenceOutput>>,
-        enqueued: Instant,
-    },
+    Run(Request),
     Evict(Uuid),
 }
 
@@ -68,11 +102,35 @@ pub enum InferenceError {
     Failed(#[from] anyhow::Error),
 }
 
+/// Counts shared by the async side and the executor thread.
+#[derive(Default)]
+struct Load {
+    /// Requests accepted but not yet in a running batch.
+    waiting: AtomicUsize,
+    /// Requests announced but still being read or decoded.
+    arriving: AtomicUsize,
+}
+
 /// The async side's handle to the executor thread.
 #[derive(Clone)]
 pub struct InferenceExecutor {
-    queue: std_mpsc::SyncSender<Message>,
+    queue: std_mpsc::Sender<Message>,
+    load: Arc<Load>,
+    queue_depth: usize,
     device: Device,
+}
+
+/// A request on its way to the executor (its images are being decoded); the
+/// executor waits for announced requests to merge them into its batch.
+/// Dropping it (or handing it to [`InferenceExecutor::run`]) withdraws it.
+pub struct Arrival {
+    load: Arc<Load>,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.load.arriving.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct LoadedModel {
@@ -104,91 +162,243 @@ fn load_model(handle: &ModelHandle, device: Device) -> anyhow::Result<LoadedMode
     })
 }
 
-fn run(
-    model: &LoadedModel,
-    handle: &ModelHandle,
-    task: InferenceTask,
-    images: &[Vec<u8>],
-    device: Device,
-) -> anyhow::Result<InferenceOutput> {
-    let size = handle.input.image_size as i64;
-    let channels = handle.input.channels as i64;
-    let flat: Vec<u8> = images.concat();
-    let batch = Tensor::from_slice(&flat).view([images.len() as i64, channels, size, size]);
-    let xs = normalise(&batch, &handle.input.mean, &handle.input.std, device);
-    tch::no_grad(|| {
-        let feats = features(&model.trunk, &xs, false);
-        let rows = match task {
-            InferenceTask::Embed => feats,
-            InferenceTask::Classify => {
-                let head = model
-                    .head
-                    .as_ref()
-                    .context("the model has no classification head")?;
-                head.forward(&feats).softmax(-1, Kind::Float)
+/// Loaded models, most recently used last.
+struct ModelCache {
+    models: Vec<LoadedModel>,
+    capacity: usize,
+}
+
+impl ModelCache {
+    /// The model of `handle`, loaded if needed, marked most recently used.
+    fn get(&mut self, handle: &ModelHandle, device: Device) -> anyhow::Result<&LoadedModel> {
+        let model = match self.models.iter().position(|m| m.id == handle.id) {
+            Some(p) => self.models.remove(p),
+            None => {
+                let loaded = load_model(handle, device)?;
+                if self.models.len() >= self.capacity.max(1) {
+                    self.models.remove(0);
+                }
+                loaded
             }
         };
-        let rows = rows.to_kind(Kind::Float).to_device(Device::Cpu);
-        let out: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(rows)?;
-        Ok(match task {
-            InferenceTask::Embed => InferenceOutput::Embeddings(out),
-            InferenceTask::Classify => InferenceOutput::Probabilities(out),
+        self.models.push(model);
+        Ok(self.models.last().expect("just pushed"))
+    }
+
+    fn evict(&mut self, id: Uuid) {
+        self.models.retain(|m| m.id != id);
+    }
+}
+
+/// Features of every image of the batch, and class probabilities when a
+/// request asks for them, as rows on the CPU.
+struct BatchRows {
+    features: Vec<Vec<f32>>,
+    probabilities: Option<Vec<Vec<f32>>>,
+}
+
+fn forward(
+    model: &LoadedModel,
+    input: &InputSpec,
+    images: &[&[u8]],
+    classify: bool,
+    device: Device,
+) -> anyhow::Result<BatchRows> {
+    let size = input.image_size as i64;
+    let channels = input.channels as i64;
+    let image_bytes = (channels * size * size) as usize;
+    let mut flat = Vec::with_capacity(images.len() * image_bytes);
+    for image in images {
+        anyhow::ensure!(
+            image.len() == image_bytes,
+            "an image has {} bytes, not {image_bytes}",
+            image.len()
+        );
+        flat.extend_from_slice(image);
+    }
+    let batch = Tensor::from_slice(&flat).view([images.len() as i64, channels, size, size]);
+    let xs = normalise(&batch, &input.mean, &input.std, device);
+    tch::no_grad(|| {
+        let feats = features(&model.trunk, &xs, false);
+        let probabilities = match (&model.head, classify) {
+            (Some(head), true) => Some(rows(&head.forward(&feats).softmax(-1, Kind::Float))?),
+            _ => None,
+        };
+        Ok(BatchRows {
+            features: rows(&feats)?,
+            probabilities,
         })
     })
 }
 
-fn executor_loop(rx: std_mpsc::Receiver<Message>, device: Device, cache_size: usize) {
-    let mut cache: Vec<LoadedModel> = Vec::new();
-    while let Ok(message) = rx.recv() {
+fn rows(tensor: &Tensor) -> anyhow::Result<Vec<Vec<f32>>> {
+    let cpu = tensor.to_kind(Kind::Float).to_device(Device::Cpu);
+    Ok(Vec::<Vec<f32>>::try_from(cpu)?)
+}
+
+/// Gathers the batch that starts with `first`: waiting requests for the same
+/// model, up to `max_batch_size` images. Requests for other models (or that
+/// would overflow the batch) go to `held`, ahead of anything newer.
+fn collect_batch(
+    first: Request,
+    rx: &std_mpsc::Receiver<Message>,
+    held: &mut VecDeque<Request>,
+    cache: &mut ModelCache,
+    settings: &InferenceSettings,
+    load: &Load,
+) -> Vec<Request> {
+    let id = first.model.id;
+    let deadline = first.enqueued + settings.max_batch_delay;
+    let mut images = first.images.len();
+    let mut batch = vec![first];
+    let fits = |images: usize, request: &Request| {
+        request.model.id == id && images + request.images.len() <= settings.max_batch_size
+    };
+    let mut i = 0;
+    while i < held.len() && images < settings.max_batch_size {
+        if fits(images, &held[i]) {
+            let request = held.remove(i).expect("index in range");
+            images += request.images.len();
+            batch.push(request);
+        } else {
+            i += 1;
+        }
+    }
+    while images < settings.max_batch_size {
+        let message = match rx.try_recv() {
+            Ok(message) => message,
+            Err(std_mpsc::TryRecvError::Disconnected) => break,
+            Err(std_mpsc::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if load.arriving.load(Ordering::SeqCst) == 0 || now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(deadline - now) {
+                    Ok(message) => message,
+                    Err(_) => break,
+                }
+            }
+        };
         match message {
-            Message::Evict(id) => cache.retain(|m| m.id != id),
-            Message::Run {
-                model,
-                task,
-                images,
-                reply,
-                enqueued,
-            } => {
-                crate::telemetry::observe_inference_queued(images.len(), enqueued.elapsed());
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let position = match cache.iter().position(|m| m.id == model.id) {
-                        Some(p) => p,
-                        None => {
-                            let loaded = load_model(&model, device)?;
-                            if cache.len() >= cache_size.max(1) {
-                                cache.remove(0);
-                            }
-                            cache.push(loaded);
-                            cache.len() - 1
-                        }
-                    };
-                    // Most recently used last.
-                    let loaded = cache.remove(position);
-                    let started = Instant::now();
-                    let result = run(&loaded, &model, task, &images, device);
-                    crate::telemetry::observe_inference_compute(started.elapsed());
-                    cache.push(loaded);
-                    result
-                }))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("inference panicked")));
-                let _ = reply.send(result);
+            Message::Evict(evicted) => cache.evict(evicted),
+            Message::Run(request) if fits(images, &request) => {
+                images += request.images.len();
+                batch.push(request);
+            }
+            Message::Run(request) => {
+                let full = request.model.id == id;
+                held.push_back(request);
+                if full {
+                    break;
+                }
             }
         }
     }
+    batch
 }
 
-/// Requests waiting for the executor before new ones are refused.
-const QUEUE_DEPTH: usize = 64;
+/// Runs one merged batch and answers each request with its own rows.
+fn run_batch(batch: Vec<Request>, cache: &mut ModelCache, device: Device, load: &Load) {
+    load.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
+    let images: Vec<&[u8]> = batch
+        .iter()
+        .flat_map(|r| r.images.iter().map(Vec::as_slice))
+        .collect();
+    for request in &batch {
+        crate::telemetry::observe_inference_queued(request.enqueued.elapsed());
+    }
+    crate::telemetry::observe_inference_batch(images.len());
+    let classify = batch.iter().any(|r| r.task == InferenceTask::Classify);
+    let handle = &batch[0].model;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let model = cache.get(handle, device)?;
+        let started = Instant::now();
+        let rows = forward(model, &handle.input, &images, classify, device);
+        crate::telemetry::observe_inference_compute(started.elapsed());
+        rows
+    }))
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("inference panicked")));
+    let rows = match result {
+        Ok(rows) => rows,
+        Err(e) => {
+            let message = format!("{e:#}");
+            for request in batch {
+                let _ = request.reply.send(Err(anyhow::anyhow!("{message}")));
+            }
+            return;
+        }
+    };
+    let BatchRows {
+        features,
+        probabilities,
+    } = rows;
+    let mut features = features.into_iter();
+    let mut probabilities = probabilities.map(Vec::into_iter);
+    for request in batch {
+        let n = request.images.len();
+        let own_features: Vec<Vec<f32>> = features.by_ref().take(n).collect();
+        let own_probabilities = probabilities
+            .as_mut()
+            .map(|p| p.by_ref().take(n).collect::<Vec<_>>());
+        let answer = match request.task {
+            InferenceTask::Embed => Ok(InferenceOutput::Embeddings(own_features)),
+            InferenceTask::Classify => own_probabilities
+                .map(InferenceOutput::Probabilities)
+                .context("the model has no classification head"),
+        };
+        let _ = request.reply.send(answer);
+    }
+}
+
+fn executor_loop(
+    rx: std_mpsc::Receiver<Message>,
+    device: Device,
+    settings: InferenceSettings,
+    load: Arc<Load>,
+) {
+    let mut cache = ModelCache {
+        models: Vec::new(),
+        capacity: settings.cache_size,
+    };
+    let mut held: VecDeque<Request> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(request) => request,
+            None => match rx.recv() {
+                Ok(Message::Run(request)) => request,
+                Ok(Message::Evict(id)) => {
+                    cache.evict(id);
+                    continue;
+                }
+                Err(_) => break,
+            },
+        };
+        let batch = collect_batch(first, &rx, &mut held, &mut cache, &settings, &load);
+        run_batch(batch, &mut cache, device, &load);
+    }
+}
 
 impl InferenceExecutor {
     /// Starts the executor thread on `device`.
-    pub fn start(device: Device, cache_size: usize) -> anyhow::Result<Self> {
-        let (tx, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
+    pub fn start(device: Device, settings: InferenceSettings) -> anyhow::Result<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        let load = Arc::new(Load::default());
+        let queue_depth = settings.queue_depth.max(1);
+        let settings = InferenceSettings {
+            max_batch_size: settings.max_batch_size.max(1),
+            ..settings
+        };
+        let executor_load = load.clone();
         std::thread::Builder::new()
             .name(format!("pretext-infer-{}", device_name(device)))
-            .spawn(move || executor_loop(rx, device, cache_size))
+            .spawn(move || executor_loop(rx, device, settings, executor_load))
             .context("Failed to start the inference thread")?;
-        Ok(Self { queue: tx, device })
+        Ok(Self {
+            queue: tx,
+            load,
+            queue_depth,
+            device,
+        })
     }
 
     /// The device models run on.
@@ -196,31 +406,52 @@ impl InferenceExecutor {
         self.device
     }
 
-    /// Runs `task` on preprocessed images.
+    /// Announces a request whose images are still being decoded, so that the
+    /// executor may wait for it to fill a batch.
+    pub fn announce(&self) -> Arrival {
+        self.load.arriving.fetch_add(1, Ordering::SeqCst);
+        Arrival {
+            load: self.load.clone(),
+        }
+    }
+
+    /// Runs `task` on preprocessed images, merged with other requests for
+    /// the same model; `arrival` is this request's announcement.
     pub async fn run(
         &self,
         model: ModelHandle,
         task: InferenceTask,
         images: Vec<Vec<u8>>,
+        arrival: Arrival,
     ) -> Result<InferenceOutput, InferenceError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .try_send(Message::Run {
-                model,
-                task,
-                images,
-                reply,
-                enqueued: Instant::now(),
+        let admitted = self
+            .load
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                (waiting < self.queue_depth).then_some(waiting + 1)
             })
-            .map_err(|e| match e {
-                std_mpsc::TrySendError::Full(_) => InferenceError::Busy,
-                std_mpsc::TrySendError::Disconnected(_) => InferenceError::Stopped,
-            })?;
+            .is_ok();
+        if !admitted {
+            return Err(InferenceError::Busy);
+        }
+        let sent = self.queue.send(Message::Run(Request {
+            model,
+            task,
+            images,
+            reply,
+            enqueued: Instant::now(),
+        }));
+        drop(arrival);
+        if sent.is_err() {
+            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(InferenceError::Stopped);
+        }
         Ok(answer.await.map_err(|_| InferenceError::Stopped)??)
     }
 
     /// Drops a model from the cache (after it was deleted).
     pub fn evict(&self, id: Uuid) {
-        let _ = self.queue.try_send(Message::Evict(id));
+        let _ = self.queue.send(Message::Evict(id));
     }
 }

@@ -48,6 +48,8 @@ pub struct TestOptions {
     pub max_uncompressed_bytes: Option<u64>,
     pub max_archive_entries: Option<u64>,
     pub environment: Option<(String, PathBuf)>,
+    /// Any further change to the configuration.
+    pub configure: Option<fn(&mut ServeConfig)>,
 }
 
 impl Default for TestOptions {
@@ -59,6 +61,7 @@ impl Default for TestOptions {
             max_uncompressed_bytes: None,
             max_archive_entries: None,
             environment: None,
+            configure: None,
         }
     }
 }
@@ -79,6 +82,9 @@ pub fn test_config(options: &TestOptions, database_url: &str, data_dir: PathBuf)
     }
     if let Some(v) = options.max_archive_entries {
         config.max_archive_entries = v;
+    }
+    if let Some(configure) = options.configure {
+        configure(&mut config);
     }
     config
 }
