@@ -11,7 +11,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::keys::ensure_initial_key;
+use crate::auth::rate_limit::RateLimiter;
+use crate::auth::{Auth, Tenant};
 use crate::config::ServeConfig;
+use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::db::connect_and_migrate;
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
@@ -28,6 +32,7 @@ pub struct Application {
     state: AppState,
     workers: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
+    generated_key: Option<String>,
 }
 
 impl Application {
@@ -35,6 +40,7 @@ impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let storage = Storage::open(&config.data_dir)?;
         let pool = connect_and_migrate(&config.database_url).await?;
+        let (auth, generated_key) = authentication(&pool, &config).await?;
         let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
         let inference_device = if config.inference_device == "auto" {
             devices[0]
@@ -74,13 +80,21 @@ impl Application {
             inference,
             workers: worker_count,
             shutdown: shutdown.clone(),
+            auth: Arc::new(auth),
         };
         Ok(Self {
             listener,
             state,
             workers,
             shutdown,
+            generated_key,
         })
+    }
+
+    /// The API key made at this start because none existed; to be shown
+    /// once, since only its hash is kept.
+    pub fn generated_key(&self) -> Option<&str> {
+        self.generated_key.as_deref()
     }
 
     /// The address the server listens on.
@@ -119,4 +133,36 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// Authentication as configured, and the key made at first start, if any.
+async fn authentication(
+    pool: &sqlx::PgPool,
+    config: &ServeConfig,
+) -> anyhow::Result<(Auth, Option<String>)> {
+    let limiter = RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst);
+    if config.insecure_no_auth {
+        tracing::warn!(
+            "authentication is OFF (--insecure-no-auth): anyone who reaches this server acts as \
+             the `{DEFAULT_TENANT}` tenant; use this for local development only"
+        );
+        let id = ensure_tenant(pool, DEFAULT_TENANT)
+            .await
+            .context("Failed to find the default tenant")?;
+        let tenant = Tenant {
+            id,
+            name: DEFAULT_TENANT.to_string(),
+        };
+        let auth = Auth {
+            insecure_tenant: Some(tenant),
+            limiter,
+        };
+        return Ok((auth, None));
+    }
+    let generated = ensure_initial_key(pool, config.api_key.as_deref()).await?;
+    let auth = Auth {
+        insecure_tenant: None,
+        limiter,
+    };
+    Ok((auth, generated))
 }
