@@ -25,7 +25,9 @@ async fn train_something(app: &TestApp, seed: u64) -> Owned {
         .await;
     let dataset = dataset["id"].as_str().unwrap().to_string();
     let job = app
-        .create_job(json!({"kind": "pretrain", "dataset_id": dataset, "config": quick_pretrain_config()}))
+        .create_job(
+            json!({"kind": "pretrain", "dataset_id": dataset, "config": quick_pretrain_config()}),
+        )
         .await;
     let job = job["id"].as_str().unwrap().to_string();
     let done = app.wait_for_success(&job, Duration::from_secs(180)).await;
@@ -111,16 +113,22 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         json!({"kind": "pretrain", "dataset_id": theirs.dataset,
                "config": {"eval_dataset_id": mine.dataset}}),
         json!({"kind": "evaluate", "dataset_id": theirs.dataset, "base_model_id": theirs.model,
-               "config": {"test_dataset_id": mine.dataset}}),
+               "config": {"protocol": "knn", "test_dataset_id": mine.dataset}}),
     ];
     for body in &foreign_references {
-        assert_problem(other.post_json("/v1/jobs", body).await, 404).await;
+        let response = other.post_json("/v1/jobs", body).await;
+        assert_eq!(
+            response.status(),
+            404,
+            "{body}: {}",
+            response.text().await.unwrap()
+        );
     }
     // The same references to its own things are accepted.
     let own = other
         .create_job(json!({"kind": "evaluate", "dataset_id": theirs.dataset,
                            "base_model_id": theirs.model,
-                           "config": {"test_dataset_id": theirs.dataset}}))
+                           "config": {"protocol": "knn", "test_dataset_id": theirs.dataset}}))
         .await;
     let own_id = own["id"].as_str().unwrap();
     assert_eq!(status(other.cancel_job(own_id).await).await, 200);
@@ -171,7 +179,10 @@ async fn requests_without_a_valid_key_get_401_and_open_routes_stay_open() {
 
     let attempts = [
         ("no header", bare.get(&url)),
-        ("another scheme", bare.get(&url).header("authorization", "Basic dXNlcjpwYXNz")),
+        (
+            "another scheme",
+            bare.get(&url).header("authorization", "Basic dXNlcjpwYXNz"),
+        ),
         ("no key", bare.get(&url).header("authorization", "Bearer ")),
         ("an unknown key", bare.get(&url).bearer_auth("ptx_0000")),
         ("a revoked key", bare.get(&url).bearer_auth(&revoked_key)),
@@ -203,7 +214,14 @@ async fn requests_without_a_valid_key_get_401_and_open_routes_stay_open() {
     for request in guarded {
         assert_eq!(request.send().await.unwrap().status(), 401);
     }
-    for open in ["/healthz", "/readyz", "/metrics", "/openapi.yaml", "/", "/assets/app.js"] {
+    for open in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.yaml",
+        "/",
+        "/assets/app.js",
+    ] {
         let response = bare.get(app.url(open)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{open} needs no key");
     }
@@ -286,10 +304,16 @@ async fn the_keys_commands_create_list_and_revoke_keys() {
     let key = created.trim().to_string();
     assert!(key.starts_with("ptx_") && key.len() > 40, "{created}");
     let acme = app.with_key(&key);
-    assert_eq!(ids(&acme.get_json("/v1/datasets").await, "datasets").len(), 0);
+    assert_eq!(
+        ids(&acme.get_json("/v1/datasets").await, "datasets").len(),
+        0
+    );
 
     let listed = run_ok(&db, &["keys", "list"]).await;
-    assert!(!listed.contains(&key), "the key itself is never listed:\n{listed}");
+    assert!(
+        !listed.contains(&key),
+        "the key itself is never listed:\n{listed}"
+    );
     assert!(listed.contains(&key[..12]), "its prefix is:\n{listed}");
     let row = listed
         .lines()
@@ -321,7 +345,15 @@ async fn the_first_start_prints_a_key_that_works() {
     let (database_url, data_dir) = fresh_environment();
     let mut child = pretext(
         &database_url,
-        &["serve", "--bind", "127.0.0.1:0", "--devices", "cpu", "--workers", "0"],
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--workers",
+            "0",
+        ],
     )
     .arg("--data-dir")
     .arg(&data_dir)
@@ -351,7 +383,9 @@ async fn the_first_start_prints_a_key_that_works() {
         .await
         .unwrap();
     assert_eq!(with_key.status(), 200);
-    let without = reqwest::get(format!("{address}/v1/datasets")).await.unwrap();
+    let without = reqwest::get(format!("{address}/v1/datasets"))
+        .await
+        .unwrap();
     assert_eq!(without.status(), 401);
     child.kill().await.unwrap();
 
@@ -359,7 +393,15 @@ async fn the_first_start_prints_a_key_that_works() {
     // accepted beside the first one.
     let mut child = pretext(
         &database_url,
-        &["serve", "--bind", "127.0.0.1:0", "--devices", "cpu", "--workers", "0"],
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--workers",
+            "0",
+        ],
     )
     .arg("--data-dir")
     .arg(&data_dir)

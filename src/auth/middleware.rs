@@ -77,7 +77,11 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(Tenant, 
 
 /// Middleware on every `/v1` route: authenticates, rate-limits, and inserts
 /// the [`Tenant`] for the handlers.
-pub async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn require_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let (tenant, bucket) = match authenticate(&state, request.headers()).await {
         Ok(found) => found,
         Err(error) => return error.into_response(),
@@ -114,9 +118,20 @@ mod tests {
 
     #[test]
     fn reads_bearer_keys_and_refuses_the_rest() {
-        assert_eq!(bearer_key(&headers(Some("Bearer ptx_abc"))).unwrap(), "ptx_abc");
-        assert_eq!(bearer_key(&headers(Some("bearer  ptx_abc "))).unwrap(), "ptx_abc");
-        for bad in [None, Some("ptx_abc"), Some("Basic dXNlcjpw"), Some("Bearer ")] {
+        assert_eq!(
+            bearer_key(&headers(Some("Bearer ptx_abc"))).unwrap(),
+            "ptx_abc"
+        );
+        assert_eq!(
+            bearer_key(&headers(Some("bearer  ptx_abc "))).unwrap(),
+            "ptx_abc"
+        );
+        for bad in [
+            None,
+            Some("ptx_abc"),
+            Some("Basic dXNlcjpw"),
+            Some("Bearer "),
+        ] {
             assert!(
                 matches!(bearer_key(&headers(bad)), Err(ApiError::Unauthorized(_))),
                 "{bad:?}"

@@ -92,7 +92,11 @@ async fn execute(args: KeysArgs) -> Result<(), CliError> {
                 table.row(vec![
                     key.id.to_string(),
                     key.tenant,
-                    if key.name.is_empty() { "-".to_string() } else { key.name },
+                    if key.name.is_empty() {
+                        "-".to_string()
+                    } else {
+                        key.name
+                    },
                     format!("{}…", key.prefix),
                     time(&key.created_at),
                     maybe_time(&key.last_used_at),

@@ -76,7 +76,11 @@ pub async fn insert_dataset(
 }
 
 /// One of a tenant's datasets by id.
-pub async fn get_dataset(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Dataset>> {
+pub async fn get_dataset(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Dataset>> {
     sqlx::query_as::<_, Dataset>("select * from datasets where id = $1 and tenant_id = $2")
         .bind(id)
         .bind(tenant_id)
@@ -85,7 +89,11 @@ pub async fn get_dataset(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Resu
 }
 
 /// A tenant's datasets, newest first.
-pub async fn list_datasets(pool: &PgPool, tenant_id: Uuid, limit: i64) -> sqlx::Result<Vec<Dataset>> {
+pub async fn list_datasets(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    limit: i64,
+) -> sqlx::Result<Vec<Dataset>> {
     sqlx::query_as::<_, Dataset>(
         "select * from datasets where tenant_id = $2
          order by created_at desc, id desc limit $1",
@@ -107,7 +115,11 @@ pub enum DeleteOutcome {
 
 /// Deletes a dataset unless a queued or running job uses it; one statement,
 /// so no job can be claimed on it in between.
-pub async fn delete_dataset(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<DeleteOutcome> {
+pub async fn delete_dataset(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<DeleteOutcome> {
     let mut tx = pool.begin().await?;
     let exists: Option<(Uuid,)> =
         sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for update")

@@ -104,8 +104,8 @@ pub async fn delete_model(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Res
         sqlx::query_as("select id from models where id = $1 and tenant_id = $2 for update")
             .bind(id)
             .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+            .fetch_optional(&mut *tx)
+            .await?;
     if exists.is_none() {
         return Ok(DeleteOutcome::NotFound);
     }

@@ -30,7 +30,11 @@ fn deadline(state: &AppState, method: &Method, route: &str) -> Option<Duration> 
 
 /// Middleware (a route layer, so the matched route is known): runs the
 /// request under its deadline.
-pub async fn enforce_deadline(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn enforce_deadline(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()

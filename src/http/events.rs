@@ -151,9 +151,14 @@ impl JobWatch {
             self.last_progress = Some(progress);
         }
         loop {
-            let page =
-                list_metrics_after(&self.pool, self.tenant_id, self.job_id, self.last_metric_id, METRICS_PAGE)
-                    .await?;
+            let page = list_metrics_after(
+                &self.pool,
+                self.tenant_id,
+                self.job_id,
+                self.last_metric_id,
+                METRICS_PAGE,
+            )
+            .await?;
             for metric in &page {
                 self.last_metric_id = metric.id;
                 self.queue("metric", metric);

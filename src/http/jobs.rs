@@ -188,15 +188,20 @@ pub async fn create(
     let dataset = get_dataset(&state.pool, tenant.id, request.dataset_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {}", request.dataset_id)))?;
-    let base =
-        match request.base_model_id {
-            Some(id) => Some(get_model(&state.pool, tenant.id, id).await?.ok_or_else(|| {
-                ApiError::NotFound(format!("no model with id {id} (base_model_id)"))
-            })?),
-            None => None,
-        };
+    let base = match request.base_model_id {
+        Some(id) => Some(
+            get_model(&state.pool, tenant.id, id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("no model with id {id} (base_model_id)"))
+                })?,
+        ),
+        None => None,
+    };
     let (config, epochs) = match request.kind.as_str() {
-        "pretrain" => pretrain_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?,
+        "pretrain" => {
+            pretrain_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
+        }
         "finetune" => finetune_config(&dataset, base.as_ref(), request.config)?,
         _ => evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?,
     };
