@@ -1,6 +1,7 @@
 """Reproduce a pretext model's outputs in PyTorch and compare them with the service's.
 
 Usage: python scripts/reproduce_in_pytorch.py --url URL --model ID IMAGE [--classify]
+       [--api-key KEY]   (default: $PRETEXT_API_KEY)
 
 Downloads the model (GET /v1/models/{id}) and its weights
 (GET /v1/models/{id}/weights, safetensors), builds torchvision's resnet18
@@ -28,6 +29,7 @@ max-pool); convnet has no torchvision counterpart. Exits 2 on a usage error.
 import argparse
 import json
 import math
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -45,9 +47,11 @@ class UsageError(Exception):
     """The model or image cannot be checked this way."""
 
 
-def fetch(url, body=None):
+def fetch(url, api_key, body=None):
     """GET (or POST `body` as a raw image) and return the response bytes."""
     request = urllib.request.Request(url, data=body)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
     if body is not None:
         request.add_header("Content-Type", "application/octet-stream")
     try:
@@ -134,14 +138,16 @@ def main():
     parser.add_argument("--model", required=True, help="the model's id")
     parser.add_argument("image", help="an image file, ideally image_size x image_size pixels")
     parser.add_argument("--classify", action="store_true", help="also compare class scores")
+    parser.add_argument("--api-key", default=os.environ.get("PRETEXT_API_KEY"),
+                        help="API key (default: $PRETEXT_API_KEY)")
     args = parser.parse_args()
     base = args.url.rstrip("/") + f"/v1/models/{args.model}"
 
     try:
-        model = json.loads(fetch(base))
+        model = json.loads(fetch(base, args.api_key))
         if args.classify and model["kind"] != "classifier":
             raise UsageError(f"model {args.model} is an encoder; --classify needs a classifier")
-        net, head = build_network(model, load_safetensors(fetch(base + "/weights")))
+        net, head = build_network(model, load_safetensors(fetch(base + "/weights", args.api_key)))
         with open(args.image, "rb") as f:
             image_bytes = f.read()
         xs = preprocess(args.image, model["input"])
@@ -150,11 +156,11 @@ def main():
             embedding = net(xs)[0]
             scores = torch.softmax(head(embedding.unsqueeze(0)), dim=-1)[0] if head else None
 
-        served = json.loads(fetch(base + "/embed", image_bytes))
+        served = json.loads(fetch(base + "/embed", args.api_key, image_bytes))
         differences = {"embedding": max_difference(embedding, served["embeddings"][0])}
         if args.classify:
             classes = model["classes"]
-            answer = json.loads(fetch(f"{base}/classify?top_k={len(classes)}", image_bytes))
+            answer = json.loads(fetch(f"{base}/classify?top_k={len(classes)}", args.api_key, image_bytes))
             by_label = {p["label"]: p["score"] for p in answer["predictions"][0]}
             differences["scores"] = max_difference(scores, [by_label[c] for c in classes])
     except (UsageError, OSError) as err:

@@ -12,8 +12,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::keys::ensure_initial_key;
+use crate::auth::rate_limit::RateLimiter;
+use crate::auth::{Auth, Tenant};
 use crate::config::{ServeConfig, WorkerConfig};
 use crate::db::connect_and_migrate;
+use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
 use crate::ml::device::{device_name, parse_device, parse_devices};
@@ -29,6 +33,7 @@ pub struct Application {
     state: AppState,
     workers: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
+    generated_key: Option<String>,
 }
 
 impl Application {
@@ -42,6 +47,7 @@ impl Application {
             tasks: workers,
         } = Workers::start(&config.worker, &shutdown).await?;
         let worker_count = workers.len();
+        let (auth, generated_key) = authentication(&pool, &config).await?;
         let inference_device = if config.inference_device == "auto" {
             devices[0]
         } else {
@@ -74,13 +80,21 @@ impl Application {
             inference,
             workers: worker_count,
             shutdown: shutdown.clone(),
+            auth: Arc::new(auth),
         };
         Ok(Self {
             listener,
             state,
             workers,
             shutdown,
+            generated_key,
         })
+    }
+
+    /// The API key made at this start because none existed; to be shown
+    /// once, since only its hash is kept.
+    pub fn generated_key(&self) -> Option<&str> {
+        self.generated_key.as_deref()
     }
 
     /// The address the server listens on.
@@ -198,4 +212,36 @@ impl WorkerProcess {
         drain_workers(self.workers).await;
         Ok(())
     }
+}
+
+/// Authentication as configured, and the key made at first start, if any.
+async fn authentication(
+    pool: &sqlx::PgPool,
+    config: &ServeConfig,
+) -> anyhow::Result<(Auth, Option<String>)> {
+    let limiter = RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst);
+    if config.insecure_no_auth {
+        tracing::warn!(
+            "authentication is OFF (--insecure-no-auth): anyone who reaches this server acts as \
+             the `{DEFAULT_TENANT}` tenant; use this for local development only"
+        );
+        let id = ensure_tenant(pool, DEFAULT_TENANT)
+            .await
+            .context("Failed to find the default tenant")?;
+        let tenant = Tenant {
+            id,
+            name: DEFAULT_TENANT.to_string(),
+        };
+        let auth = Auth {
+            insecure_tenant: Some(tenant),
+            limiter,
+        };
+        return Ok((auth, None));
+    }
+    let generated = ensure_initial_key(pool, config.api_key.as_deref()).await?;
+    let auth = Auth {
+        insecure_tenant: None,
+        limiter,
+    };
+    Ok((auth, generated))
 }

@@ -84,6 +84,40 @@ pub struct ServeConfig {
     #[arg(long, env = "PRETEXT_MAX_INFERENCE_IMAGES", default_value_t = 256)]
     pub max_inference_images: usize,
 
+    /// An API key the server accepts for the `default` tenant (stored by
+    /// hash at start; storing it again changes nothing). With no key here
+    /// and none stored, the server makes one and prints it once.
+    #[arg(long, env = "PRETEXT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Turn authentication off, for local development only: every request
+    /// acts as the `default` tenant.
+    #[arg(long, env = "PRETEXT_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Requests per second each API key may send on average; 0 turns the
+    /// limit off.
+    #[arg(long, env = "PRETEXT_RATE_LIMIT_PER_SECOND", default_value_t = 100.0)]
+    pub rate_limit_per_second: f64,
+
+    /// Requests each API key may send at once before the average applies.
+    #[arg(long, env = "PRETEXT_RATE_LIMIT_BURST", default_value_t = 200)]
+    pub rate_limit_burst: u32,
+
+    /// Seconds an ordinary request may take before it is answered 504
+    /// (uploads and event streams excepted); 0 turns the deadline off.
+    #[arg(long, env = "PRETEXT_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+
+    /// Seconds a dataset upload (`POST /v1/datasets`) may take, ingestion
+    /// included; 0 turns the deadline off.
+    #[arg(long, env = "PRETEXT_UPLOAD_TIMEOUT_SECS", default_value_t = 3600)]
+    pub upload_timeout_secs: u64,
+
+    /// Largest JSON body accepted (`POST /v1/jobs`), in bytes.
+    #[arg(long, env = "PRETEXT_MAX_JSON_BYTES", default_value_t = 1 << 20)]
+    pub max_json_bytes: usize,
+
     /// Loaded models kept in memory for inference (least recently used evicted).
     #[arg(long, env = "PRETEXT_MODEL_CACHE_SIZE", default_value_t = 4)]
     pub model_cache_size: usize,

@@ -6,6 +6,7 @@
 //! for embeddings and classifications over REST.
 //!
 //! # Layout
+//! - [`auth`]: API keys, the tenant of each request, per-key rate limits.
 //! - [`http`]: routes, extractors and the problem+json error type; the only
 //!   layer that knows about HTTP.
 //! - [`db`]: Postgres queries, one module per table family.
@@ -21,6 +22,7 @@
 //! - [`app`]: wiring: configuration → database → workers → server.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,5 +1,6 @@
 //! The `pretext` binary: parses the command line and runs the service until
-//! Ctrl-C or SIGTERM, or runs one client command against a running service.
+//! Ctrl-C or SIGTERM, runs one client command against a running service, or
+//! manages API keys in the database.
 
 use clap::{Parser, Subcommand};
 use pretext::app::{Application, WorkerProcess};
@@ -22,6 +23,8 @@ enum Command {
     Serve(ServeConfig),
     /// Run training workers alone, without the HTTP API.
     Worker(WorkerConfig),
+    /// Create, list and revoke API keys (directly in the database).
+    Keys(pretext::cli::keys::KeysArgs),
     #[command(flatten)]
     Client(pretext::cli::Command),
 }
@@ -61,11 +64,20 @@ async fn main() {
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
         Some(Command::Worker(config)) => exit_on_error(run_workers(config).await),
+        Some(Command::Keys(args)) => std::process::exit(pretext::cli::keys::run(args).await),
         Some(Command::Client(command)) => std::process::exit(pretext::cli::run(command).await),
         None => cli.serve,
     };
     let result = async {
         let app = Application::build(config).await?;
+        if let Some(key) = app.generated_key() {
+            println!("No API key existed, so one was made for the `default` tenant:");
+            println!("  {key}");
+            println!(
+                "Keep it: it is shown only this once. Send it as `Authorization: Bearer <key>` \
+                 (the CLI reads PRETEXT_API_KEY); `pretext keys create` makes more."
+            );
+        }
         println!("pretext listening on http://{}", app.local_addr());
         tokio::spawn(wait_for_signal(app.shutdown_token()));
         app.run_until_stopped().await

@@ -50,7 +50,7 @@ fn pretext(url: &str, args: &[&str]) -> tokio::process::Command {
         .arg("--url")
         .arg(url)
         .env_remove("PRETEXT_URL")
-        .env_remove("PRETEXT_API_KEY")
+        .env("PRETEXT_API_KEY", TEST_API_KEY)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     command

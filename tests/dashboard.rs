@@ -224,6 +224,7 @@ async fn a_browser_watches_a_job_succeed_then_finetunes_and_classifies_on_the_da
         .arg(browser_dir.join("dashboard.mjs"))
         .arg(&app.address)
         .arg(&out_dir)
+        .arg(TEST_API_KEY)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(BROWSER_TIMEOUT, run)

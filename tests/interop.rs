@@ -20,6 +20,7 @@ fn reproduce(app: &TestApp, model_id: &str, image: &Path, classify: bool) -> Out
     command
         .arg(script)
         .args(["--url", &app.address, "--model", model_id])
+        .env("PRETEXT_API_KEY", TEST_API_KEY)
         .arg(image);
     if classify {
         command.arg("--classify");

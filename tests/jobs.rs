@@ -255,6 +255,7 @@ async fn start_binary(
         .arg(database_url)
         .arg("--data-dir")
         .arg(data_dir)
+        .env("PRETEXT_API_KEY", TEST_API_KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -278,7 +279,7 @@ async fn start_binary(
 async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_expires() {
     let (database_url, data_dir) = fresh_environment();
     let (mut child, address) = start_binary(&database_url, &data_dir, 2).await;
-    let client = reqwest::Client::new();
+    let client = client_with_key(TEST_API_KEY);
 
     let archive = zip_archive(&labelled_entries(12, 21));
     let dataset: Value = client

@@ -72,6 +72,8 @@ async fn concurrent_uploads_submissions_and_classifications_lose_nothing() {
         spawn_app_with(TestOptions {
             workers: 0,
             environment: Some(environment),
+            // One key sends everything here; the per-key limit is not under test.
+            rate_limit: Some((0.0, 0)),
             ..Default::default()
         })
         .await,

@@ -38,7 +38,8 @@ async function refresh() {
     jobsView.render();
     modelsView.render();
   } catch (error) {
-    if (error.message !== lastError) toast(`Could not load the lists: ${error.message}`, "error");
+    if (error.status === 401) askForKey(error.message);
+    else if (error.message !== lastError) toast(`Could not load the lists: ${error.message}`, "error");
     lastError = error.message;
   }
   if (current !== generation) return;
@@ -76,12 +77,28 @@ function route() {
   if (tab === "jobs") jobsView.openDetail(detail ?? null);
 }
 
+/** Points at the key field after a 401: the server wants a (valid) key. */
+function askForKey(detail) {
+  const input = document.getElementById("api-key");
+  input.closest(".key-field").classList.add("needs-key");
+  if (detail !== lastError) {
+    toast(
+      apiKey()
+        ? "The server refused this API key (unknown or revoked): paste a valid one in the API key field."
+        : "The server needs an API key: paste the one it printed at first start (or PRETEXT_API_KEY) in the API key field.",
+      "error",
+    );
+  }
+  if (document.activeElement !== input) input.focus();
+}
+
 function setUpKeyField() {
   const input = document.getElementById("api-key");
   input.value = apiKey();
   input.addEventListener("change", () => {
     const key = input.value.trim();
     setApiKey(key);
+    input.closest(".key-field").classList.remove("needs-key");
     toast(key ? "API key saved in this browser." : "API key removed.");
     refresh();
     checkHealth();

@@ -200,13 +200,16 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url, timeout=600):
+    def __init__(self, base_url, api_key=None, timeout=600):
         self.base = base_url.rstrip("/")
+        self.api_key = api_key
         self.timeout = timeout
 
     def request(self, method, path, body=None, content_type=None, retries_503=30):
         url = self.base + path
         headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         if content_type:
             headers["Content-Type"] = content_type
         for attempt in range(retries_503 + 1):
@@ -485,6 +488,8 @@ def parse_args():
         description="Measure how many labels jigsaw pretraining saves on Fashion-MNIST."
     )
     ap.add_argument("--url", default="http://127.0.0.1:8080", help="pretext server URL")
+    ap.add_argument("--api-key", default=os.environ.get("PRETEXT_API_KEY"),
+                    help="API key (default: $PRETEXT_API_KEY)")
     ap.add_argument("--unlabelled", type=int, default=20000,
                     help="first N train images form the unlabelled pool (default 20000)")
     ap.add_argument("--labels-per-class", default="10,100",
@@ -523,7 +528,7 @@ def main():
     args = parse_args()
     script_start = time.time()
     command = shlex.join(["python3"] + sys.argv)
-    client = Client(args.url)
+    client = Client(args.url, args.api_key)
 
     try:
         ready = client.get("/readyz")

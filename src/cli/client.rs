@@ -23,7 +23,13 @@ pub struct ClientOptions {
     pub url: String,
 
     /// API key, sent as `Authorization: Bearer <key>`.
-    #[arg(long, env = "PRETEXT_API_KEY", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        visible_alias = "api-key",
+        env = "PRETEXT_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
     pub key: Option<String>,
 
     /// Print the server's raw JSON instead of tables.

@@ -14,11 +14,14 @@
 //!   show, delete.
 //! - `jobs`: `train` (submit, then follow), and list, show, follow, cancel.
 //! - `models`: list, show, delete, download weights; `classify` and `embed`.
+//! - `keys`: the operator's API key commands, which use the database
+//!   directly rather than a server.
 //! - `output`: tables, key/value listings and progress bars.
 
 mod client;
 mod datasets;
 mod jobs;
+pub mod keys;
 mod models;
 mod output;
 mod pack;
@@ -104,6 +107,13 @@ impl CliError {
         match self {
             CliError::Interrupted { .. } => eprintln!("{self}"),
             CliError::Local(error) => eprintln!("error: {error:#}"),
+            CliError::Problem(problem) if problem.status == 401 => {
+                eprintln!("error: {self}");
+                eprintln!(
+                    "  pass the server's API key with --api-key or PRETEXT_API_KEY \
+                     (the server prints one at first start; `pretext keys create` makes more)"
+                );
+            }
             CliError::Problem(problem) => {
                 eprintln!("error: {self}");
                 for field in &problem.errors {

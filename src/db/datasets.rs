@@ -1,4 +1,5 @@
-//! The `datasets` table.
+//! The `datasets` table. Every query is scoped to one tenant: a dataset of
+//! another tenant reads as missing.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -12,6 +13,8 @@ use crate::data::archive::{IngestReport, SkippedEntry};
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Dataset {
     pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
     pub name: String,
     pub num_images: i32,
     pub labeled: bool,
@@ -44,6 +47,7 @@ impl From<&SkippedEntry> for SkippedEntryRow {
 /// Records an ingested dataset.
 pub async fn insert_dataset(
     pool: &PgPool,
+    tenant_id: Uuid,
     id: Uuid,
     name: &str,
     report: &IngestReport,
@@ -51,8 +55,8 @@ pub async fn insert_dataset(
     let skipped: Vec<SkippedEntryRow> = report.skipped.iter().map(Into::into).collect();
     sqlx::query_as::<_, Dataset>(
         "insert into datasets (id, name, num_images, labeled, channels, classes, class_counts,
-                               skipped, skipped_count, bytes, median_side)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                               skipped, skipped_count, bytes, median_side, tenant_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          returning *",
     )
     .bind(id)
@@ -66,24 +70,36 @@ pub async fn insert_dataset(
     .bind(report.skipped_count as i32)
     .bind(report.bytes as i64)
     .bind(report.median_side as i32)
+    .bind(tenant_id)
     .fetch_one(pool)
     .await
 }
 
-/// One dataset by id.
-pub async fn get_dataset(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Dataset>> {
-    sqlx::query_as::<_, Dataset>("select * from datasets where id = $1")
+/// One of a tenant's datasets by id.
+pub async fn get_dataset(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Dataset>> {
+    sqlx::query_as::<_, Dataset>("select * from datasets where id = $1 and tenant_id = $2")
         .bind(id)
+        .bind(tenant_id)
         .fetch_optional(pool)
         .await
 }
 
-/// Datasets, newest first.
-pub async fn list_datasets(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Dataset>> {
+/// A tenant's datasets, newest first.
+pub async fn list_datasets(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    limit: i64,
+) -> sqlx::Result<Vec<Dataset>> {
     sqlx::query_as::<_, Dataset>(
-        "select * from datasets order by created_at desc, id desc limit $1",
+        "select * from datasets where tenant_id = $2
+         order by created_at desc, id desc limit $1",
     )
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
@@ -99,11 +115,16 @@ pub enum DeleteOutcome {
 
 /// Deletes a dataset unless a queued or running job uses it; one statement,
 /// so no job can be claimed on it in between.
-pub async fn delete_dataset(pool: &PgPool, id: Uuid) -> sqlx::Result<DeleteOutcome> {
+pub async fn delete_dataset(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<DeleteOutcome> {
     let mut tx = pool.begin().await?;
     let exists: Option<(Uuid,)> =
-        sqlx::query_as("select id from datasets where id = $1 for update")
+        sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for update")
             .bind(id)
+            .bind(tenant_id)
             .fetch_optional(&mut *tx)
             .await?;
     if exists.is_none() {

@@ -1,5 +1,6 @@
 //! The `jobs` and `job_metrics` tables, as the API sees them: creating,
-//! reading, listing and cancelling jobs. The worker's side of the queue
+//! reading, listing and cancelling jobs, each scoped to one tenant (a job of
+//! another tenant reads as missing). The worker's side of the queue
 //! (claims, leases, fenced writes) lives in `jobs::queue`.
 
 use chrono::{DateTime, Utc};
@@ -15,6 +16,8 @@ pub const JOBS_CHANNEL: &str = "pretext_jobs";
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Job {
     pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
     pub kind: String,
     pub state: String,
     pub dataset_id: Option<Uuid>,
@@ -52,6 +55,7 @@ pub struct Progress {
 
 /// A new job.
 pub struct NewJob<'a> {
+    pub tenant_id: Uuid,
     pub kind: &'a str,
     pub dataset_id: Uuid,
     pub base_model_id: Option<Uuid>,
@@ -74,13 +78,15 @@ impl From<sqlx::Error> for CreateJobError {
     }
 }
 
-/// Queues a job and wakes the workers. The dataset and base model rows are
-/// share-locked so that a concurrent delete waits for (or precedes) this insert.
+/// Queues a job and wakes the workers. The dataset and base model rows (the
+/// tenant's own) are share-locked so that a concurrent delete waits for (or
+/// precedes) this insert.
 pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJobError> {
     let mut tx = pool.begin().await?;
     let dataset: Option<(Uuid,)> =
-        sqlx::query_as("select id from datasets where id = $1 for share")
+        sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for share")
             .bind(job.dataset_id)
+            .bind(job.tenant_id)
             .fetch_optional(&mut *tx)
             .await?;
     if dataset.is_none() {
@@ -88,8 +94,9 @@ pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJob
     }
     if let Some(base) = job.base_model_id {
         let model: Option<(Uuid,)> =
-            sqlx::query_as("select id from models where id = $1 for share")
+            sqlx::query_as("select id from models where id = $1 and tenant_id = $2 for share")
                 .bind(base)
+                .bind(job.tenant_id)
                 .fetch_optional(&mut *tx)
                 .await?;
         if model.is_none() {
@@ -101,8 +108,9 @@ pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJob
         ..Default::default()
     };
     let row = sqlx::query_as::<_, Job>(
-        "insert into jobs (id, kind, dataset_id, base_model_id, config, progress, max_attempts)
-         values ($1, $2, $3, $4, $5, $6, $7)
+        "insert into jobs (id, kind, dataset_id, base_model_id, config, progress, max_attempts,
+                           tenant_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
          returning *",
     )
     .bind(Uuid::now_v7())
@@ -112,6 +120,7 @@ pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJob
     .bind(Json(&job.config))
     .bind(Json(progress))
     .bind(job.max_attempts)
+    .bind(job.tenant_id)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("select pg_notify($1, $2)")
@@ -123,46 +132,58 @@ pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJob
     Ok(row)
 }
 
-/// One job by id.
-pub async fn get_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+/// One of a tenant's jobs by id.
+pub async fn get_job(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as::<_, Job>("select * from jobs where id = $1 and tenant_id = $2")
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// One job by id, whatever its tenant: for workers, which run every tenant's jobs.
+pub async fn get_any_tenants_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as::<_, Job>("select * from jobs where id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await
 }
 
-/// Jobs, newest first, optionally filtered.
+/// A tenant's jobs, newest first, optionally filtered.
 pub async fn list_jobs(
     pool: &PgPool,
+    tenant_id: Uuid,
     state: Option<&str>,
     kind: Option<&str>,
     limit: i64,
 ) -> sqlx::Result<Vec<Job>> {
     sqlx::query_as::<_, Job>(
         "select * from jobs
-         where ($1::text is null or state = $1) and ($2::text is null or kind = $2)
+         where tenant_id = $4 and ($1::text is null or state = $1) and ($2::text is null or kind = $2)
          order by created_at desc, id desc limit $3",
     )
     .bind(state)
     .bind(kind)
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
 
 /// Cancels a queued job at once, or flags a running one for its worker.
 /// Returns the job as it now stands; a finished job is returned unchanged.
-pub async fn cancel_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+pub async fn cancel_job(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as::<_, Job>(
         "update jobs set
              state = case when state = 'queued' then 'cancelled' else state end,
              finished_at = case when state = 'queued' then now() else finished_at end,
              lease_owner = case when state = 'queued' then null else lease_owner end,
              cancel_requested = cancel_requested or state in ('queued', 'running')
-         where id = $1
+         where id = $1 and tenant_id = $2
          returning *",
     )
     .bind(id)
+    .bind(tenant_id)
     .fetch_optional(pool)
     .await
 }
@@ -177,19 +198,22 @@ pub struct MetricPoint {
     pub at: DateTime<Utc>,
 }
 
-/// A job's metric points in step order, optionally of one name.
+/// A tenant's job's metric points in step order, optionally of one name.
 pub async fn list_metrics(
     pool: &PgPool,
+    tenant_id: Uuid,
     job_id: Uuid,
     name: Option<&str>,
 ) -> sqlx::Result<Vec<MetricPoint>> {
     sqlx::query_as::<_, MetricPoint>(
         "select step, epoch, name, value, at from job_metrics
          where job_id = $1 and ($2::text is null or name = $2)
+           and job_id in (select id from jobs where id = $1 and tenant_id = $3)
          order by step, id",
     )
     .bind(job_id)
     .bind(name)
+    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
@@ -206,9 +230,11 @@ pub struct NumberedMetric {
     pub at: DateTime<Utc>,
 }
 
-/// Up to `limit` of a job's metric rows with an id above `after_id`, in id order.
+/// Up to `limit` of a tenant's job's metric rows with an id above
+/// `after_id`, in id order.
 pub async fn list_metrics_after(
     pool: &PgPool,
+    tenant_id: Uuid,
     job_id: Uuid,
     after_id: i64,
     limit: i64,
@@ -216,16 +242,19 @@ pub async fn list_metrics_after(
     sqlx::query_as::<_, NumberedMetric>(
         "select id, step, epoch, name, value, at from job_metrics
          where job_id = $1 and id > $2
+           and job_id in (select id from jobs where id = $1 and tenant_id = $4)
          order by id limit $3",
     )
     .bind(job_id)
     .bind(after_id)
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
 
-/// How many jobs there are of each state and kind (pairs with none are absent).
+/// How many jobs there are of each state and kind (pairs with none are
+/// absent), over every tenant: the Prometheus metrics are the operator's.
 pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
     sqlx::query_as(
         "select state, kind, count(*) from jobs

@@ -3,6 +3,7 @@
 
 pub mod datasets;
 pub mod jobs;
+pub mod keys;
 pub mod models;
 
 use std::time::Duration;

@@ -1,4 +1,6 @@
-//! The `models` table.
+//! The `models` table. The API's queries are scoped to one tenant: a model
+//! of another tenant reads as missing. A model belongs to the tenant of the
+//! job that made it.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,6 +15,8 @@ use crate::ml::training::{InputSpec, ModelArtifact};
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Model {
     pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
     pub kind: String,
     pub backbone: String,
     pub pretext: Option<String>,
@@ -30,6 +34,7 @@ pub struct Model {
 /// Where a new model came from.
 pub struct ModelOrigin {
     pub id: Uuid,
+    pub tenant_id: Uuid,
     pub job_id: Uuid,
     pub base_model_id: Option<Uuid>,
     pub dataset_id: Option<Uuid>,
@@ -44,8 +49,8 @@ pub async fn insert_model(
 ) -> sqlx::Result<Model> {
     sqlx::query_as::<_, Model>(
         "insert into models (id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
-                             classes, embedding_dim, input, metrics, pretext_config)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                             classes, embedding_dim, input, metrics, pretext_config, tenant_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          returning *",
     )
     .bind(origin.id)
@@ -60,41 +65,47 @@ pub async fn insert_model(
     .bind(Json(&artifact.input))
     .bind(Json(&artifact.metrics))
     .bind(artifact.pretext_config.as_ref().map(Json))
+    .bind(origin.tenant_id)
     .fetch_one(&mut **tx)
     .await
 }
 
-/// One model by id.
-pub async fn get_model(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Model>> {
-    sqlx::query_as::<_, Model>("select * from models where id = $1")
+/// One of a tenant's models by id.
+pub async fn get_model(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Model>> {
+    sqlx::query_as::<_, Model>("select * from models where id = $1 and tenant_id = $2")
         .bind(id)
+        .bind(tenant_id)
         .fetch_optional(pool)
         .await
 }
 
-/// Models, newest first, optionally of one kind.
+/// A tenant's models, newest first, optionally of one kind.
 pub async fn list_models(
     pool: &PgPool,
+    tenant_id: Uuid,
     kind: Option<&str>,
     limit: i64,
 ) -> sqlx::Result<Vec<Model>> {
     sqlx::query_as::<_, Model>(
-        "select * from models where ($1::text is null or kind = $1)
+        "select * from models where tenant_id = $3 and ($1::text is null or kind = $1)
          order by created_at desc, id desc limit $2",
     )
     .bind(kind)
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
 
 /// Deletes a model unless a queued or running job starts from it.
-pub async fn delete_model(pool: &PgPool, id: Uuid) -> sqlx::Result<DeleteOutcome> {
+pub async fn delete_model(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<DeleteOutcome> {
     let mut tx = pool.begin().await?;
-    let exists: Option<(Uuid,)> = sqlx::query_as("select id from models where id = $1 for update")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let exists: Option<(Uuid,)> =
+        sqlx::query_as("select id from models where id = $1 and tenant_id = $2 for update")
+            .bind(id)
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
     if exists.is_none() {
         return Ok(DeleteOutcome::NotFound);
     }

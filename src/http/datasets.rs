@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::{media_type, ApiPath, ApiQuery};
 use super::AppState;
+use crate::auth::Tenant;
 use crate::data::archive::{detect_kind, ingest_archive, ArchiveLimits, IngestError};
 use crate::db::datasets::{
     delete_dataset, get_dataset, insert_dataset, list_datasets, Dataset, DeleteOutcome,
@@ -155,11 +156,12 @@ impl From<IngestError> for ApiError {
 /// `POST /v1/datasets?name=`
 pub async fn upload(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
     let upload_path = state.storage.new_upload_path();
-    let result = ingest_upload(&state, params, request, &upload_path).await;
+    let result = ingest_upload(&state, &tenant, params, request, &upload_path).await;
     let _ = tokio::fs::remove_file(&upload_path).await;
     let dataset = result?;
     let mut headers = HeaderMap::new();
@@ -171,6 +173,7 @@ pub async fn upload(
 
 async fn ingest_upload(
     state: &AppState,
+    tenant: &Tenant,
     params: UploadParams,
     request: Request,
     upload_path: &std::path::Path,
@@ -216,7 +219,7 @@ async fn ingest_upload(
         let _ = state.storage.remove_dataset(id).await;
         return Err(error.context("Failed to share the dataset").into());
     }
-    match insert_dataset(&state.pool, id, &name, &report).await {
+    match insert_dataset(&state.pool, tenant.id, id, &name, &report).await {
         Ok(dataset) => {
             tracing::info!(dataset_id = %id, images = dataset.num_images, "dataset stored");
             Ok(dataset)
@@ -231,18 +234,20 @@ async fn ingest_upload(
 /// `GET /v1/datasets`
 pub async fn list(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let datasets = list_datasets(&state.pool, list_limit(params.limit)?).await?;
+    let datasets = list_datasets(&state.pool, tenant.id, list_limit(params.limit)?).await?;
     Ok(Json(serde_json::json!({ "datasets": datasets })))
 }
 
 /// `GET /v1/datasets/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Dataset>, ApiError> {
-    get_dataset(&state.pool, id)
+    get_dataset(&state.pool, tenant.id, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))
@@ -251,9 +256,10 @@ pub async fn get(
 /// `DELETE /v1/datasets/{id}`
 pub async fn delete(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    match delete_dataset(&state.pool, id).await? {
+    match delete_dataset(&state.pool, tenant.id, id).await? {
         DeleteOutcome::Deleted => {
             state.storage.remove_dataset(id).await?;
             Ok(StatusCode::NO_CONTENT)

@@ -15,7 +15,11 @@ pub enum ApiError {
     /// 400: the request is malformed (bad JSON syntax, bad id, empty body).
     #[error("{0}")]
     BadRequest(String),
-    /// 404: no such resource.
+    /// 401: no API key, or one that is unknown or revoked; answered with
+    /// `WWW-Authenticate: Bearer realm="pretext"`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404: no such resource (or one of another tenant: the same answer).
     #[error("{0}")]
     NotFound(String),
     /// 409: the resource's state forbids this.
@@ -33,9 +37,15 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// 429: this key's rate is spent; retry after the given seconds.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     /// 503: temporarily unable; retry after the given seconds.
     #[error("{detail}")]
     Unavailable { detail: String, retry_after: u64 },
+    /// 504: the request took longer than the server's deadline for it.
+    #[error("{0}")]
+    Timeout(String),
     /// 500: a fault on our side.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -78,6 +88,7 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::PayloadTooLarge(_) => (
@@ -95,6 +106,12 @@ impl ApiError {
                 "validation",
                 "Invalid request",
             ),
+            ApiError::TooManyRequests { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+            ),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "Request timed out"),
             ApiError::Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -128,6 +145,12 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
                 "send the body as JSON with `Content-Type: application/json`".to_string(),
             ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(format!(
+                    "the JSON body is too large ({}); send a smaller body",
+                    other.body_text()
+                ))
+            }
             other => ApiError::BadRequest(other.body_text()),
         }
     }
@@ -177,10 +200,20 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let ApiError::Unavailable { retry_after, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            ApiError::Unavailable { retry_after, .. }
+            | ApiError::TooManyRequests { retry_after, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            ApiError::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"pretext\""),
+                );
+            }
+            _ => {}
         }
         response
     }

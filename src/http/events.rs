@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::ApiPath;
 use super::AppState;
+use crate::auth::Tenant;
 use crate::db::jobs::{get_job, list_metrics_after, Job};
 
 /// How often the database is asked for news.
@@ -34,15 +35,17 @@ const METRICS_PAGE: i64 = 500;
 /// `GET /v1/jobs/{id}/events`
 pub async fn stream(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let after = last_event_id(&headers)?;
-    if get_job(&state.pool, id).await?.is_none() {
+    if get_job(&state.pool, tenant.id, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job with id {id}")));
     }
     let watch = JobWatch {
         pool: state.pool.clone(),
+        tenant_id: tenant.id,
         job_id: id,
         shutdown: state.shutdown.clone(),
         last_metric_id: after,
@@ -90,6 +93,7 @@ struct ProgressEvent {
 /// What one client's stream has sent so far, and what it still has to send.
 struct JobWatch {
     pool: PgPool,
+    tenant_id: Uuid,
     job_id: Uuid,
     shutdown: CancellationToken,
     last_metric_id: i64,
@@ -130,7 +134,7 @@ impl JobWatch {
         // The job is read before its metrics: a worker writes a job's last
         // metrics before it marks the job ended, so when the job reads as
         // ended the metrics read next are complete.
-        let Some(job) = get_job(&self.pool, self.job_id).await? else {
+        let Some(job) = get_job(&self.pool, self.tenant_id, self.job_id).await? else {
             self.ended = true;
             return Ok(());
         };
@@ -147,9 +151,14 @@ impl JobWatch {
             self.last_progress = Some(progress);
         }
         loop {
-            let page =
-                list_metrics_after(&self.pool, self.job_id, self.last_metric_id, METRICS_PAGE)
-                    .await?;
+            let page = list_metrics_after(
+                &self.pool,
+                self.tenant_id,
+                self.job_id,
+                self.last_metric_id,
+                METRICS_PAGE,
+            )
+            .await?;
             for metric in &page {
                 self.last_metric_id = metric.id;
                 self.queue("metric", metric);

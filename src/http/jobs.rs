@@ -11,6 +11,7 @@ use super::datasets::list_limit;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
+use crate::auth::Tenant;
 use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{
     cancel_job, get_job, insert_job, list_jobs, list_metrics, CreateJobError, Job, NewJob,
@@ -49,8 +50,13 @@ fn parse_config<T: serde::de::DeserializeOwned + Default>(
 }
 
 /// A labelled dataset named in a config, or the error naming the field.
-async fn labelled_dataset(state: &AppState, id: Uuid, field: &str) -> Result<Dataset, ApiError> {
-    let dataset = get_dataset(&state.pool, id)
+async fn labelled_dataset(
+    state: &AppState,
+    tenant: &Tenant,
+    id: Uuid,
+    field: &str,
+) -> Result<Dataset, ApiError> {
+    let dataset = get_dataset(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id} ({field})")))?;
     if !dataset.labeled {
@@ -68,6 +74,7 @@ fn to_json(config: impl serde::Serialize) -> Result<serde_json::Value, ApiError>
 
 async fn pretrain_config(
     state: &AppState,
+    tenant: &Tenant,
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
@@ -86,7 +93,7 @@ async fn pretrain_config(
         .resolve(from)
         .map_err(ApiError::fields)?;
     if let Some(id) = config.eval_dataset_id {
-        labelled_dataset(state, id, "config.eval_dataset_id").await?;
+        labelled_dataset(state, tenant, id, "config.eval_dataset_id").await?;
     }
     Ok((to_json(&config)?, config.epochs))
 }
@@ -118,6 +125,7 @@ fn finetune_config(
 
 async fn evaluate_config(
     state: &AppState,
+    tenant: &Tenant,
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
@@ -138,7 +146,7 @@ async fn evaluate_config(
         .resolve()
         .map_err(ApiError::fields)?;
     if let Some(id) = config.test_dataset_id {
-        labelled_dataset(state, id, "config.test_dataset_id").await?;
+        labelled_dataset(state, tenant, id, "config.test_dataset_id").await?;
     }
     Ok((to_json(&config)?, config.epochs))
 }
@@ -156,6 +164,7 @@ fn model_backbone(model: &Model) -> Result<Backbone, ApiError> {
 /// `POST /v1/jobs`
 pub async fn create(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     if !KINDS.contains(&request.kind.as_str()) {
@@ -176,24 +185,30 @@ pub async fn create(
             ))
         }
     };
-    let dataset = get_dataset(&state.pool, request.dataset_id)
+    let dataset = get_dataset(&state.pool, tenant.id, request.dataset_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {}", request.dataset_id)))?;
-    let base =
-        match request.base_model_id {
-            Some(id) => Some(get_model(&state.pool, id).await?.ok_or_else(|| {
-                ApiError::NotFound(format!("no model with id {id} (base_model_id)"))
-            })?),
-            None => None,
-        };
+    let base = match request.base_model_id {
+        Some(id) => Some(
+            get_model(&state.pool, tenant.id, id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("no model with id {id} (base_model_id)"))
+                })?,
+        ),
+        None => None,
+    };
     let (config, epochs) = match request.kind.as_str() {
-        "pretrain" => pretrain_config(&state, &dataset, base.as_ref(), request.config).await?,
+        "pretrain" => {
+            pretrain_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
+        }
         "finetune" => finetune_config(&dataset, base.as_ref(), request.config)?,
-        _ => evaluate_config(&state, &dataset, base.as_ref(), request.config).await?,
+        _ => evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?,
     };
     let job = insert_job(
         &state.pool,
         NewJob {
+            tenant_id: tenant.id,
             kind: &request.kind,
             dataset_id: dataset.id,
             base_model_id: request.base_model_id,
@@ -228,6 +243,7 @@ pub struct JobListParams {
 /// `GET /v1/jobs`
 pub async fn list(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiQuery(params): ApiQuery<JobListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(s) = params.state.as_deref().filter(|s| !STATES.contains(s)) {
@@ -244,6 +260,7 @@ pub async fn list(
     }
     let jobs = list_jobs(
         &state.pool,
+        tenant.id,
         params.state.as_deref(),
         params.kind.as_deref(),
         list_limit(params.limit)?,
@@ -255,9 +272,10 @@ pub async fn list(
 /// `GET /v1/jobs/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Job>, ApiError> {
-    get_job(&state.pool, id)
+    get_job(&state.pool, tenant.id, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
@@ -266,9 +284,10 @@ pub async fn get(
 /// `POST /v1/jobs/{id}/cancel`
 pub async fn cancel(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Job>, ApiError> {
-    let job = get_job(&state.pool, id)
+    let job = get_job(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
     if !matches!(job.state.as_str(), "queued" | "running") {
@@ -277,7 +296,7 @@ pub async fn cancel(
             job.state
         )));
     }
-    cancel_job(&state.pool, id)
+    cancel_job(&state.pool, tenant.id, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
@@ -293,22 +312,24 @@ pub struct MetricParams {
 /// `GET /v1/jobs/{id}/metrics`
 pub async fn metrics(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<MetricParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if get_job(&state.pool, id).await?.is_none() {
+    if get_job(&state.pool, tenant.id, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job with id {id}")));
     }
-    let points = list_metrics(&state.pool, id, params.name.as_deref()).await?;
+    let points = list_metrics(&state.pool, tenant.id, id, params.name.as_deref()).await?;
     Ok(Json(serde_json::json!({ "points": points })))
 }
 
 /// `GET /v1/jobs/{id}/report`
 pub async fn report(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let job = get_job(&state.pool, id)
+    let job = get_job(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
     let Some(report) = job.report else {

@@ -3,6 +3,7 @@
 
 pub mod dashboard;
 pub mod datasets;
+pub mod deadline;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -22,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::middleware::require_key;
+use crate::auth::Auth;
 use crate::config::ServeConfig;
 use crate::ml::inference::InferenceExecutor;
 use crate::storage::Storage;
@@ -38,22 +41,20 @@ pub struct AppState {
     pub workers: usize,
     /// Cancelled at shutdown; ends long-lived responses (event streams).
     pub shutdown: CancellationToken,
+    /// Authentication and rate limiting of `/v1`.
+    pub auth: Arc<Auth>,
 }
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route; see /openapi.yaml".to_string())
 }
 
-/// Builds the router.
+/// Builds the router: `/v1` behind the key check, the rate limit and the
+/// request deadlines; health, metrics, the API description and the
+/// dashboard's files open.
 pub fn router(state: AppState) -> Router {
     let inference_limit = DefaultBodyLimit::max(state.config.max_inference_bytes);
-    Router::new()
-        .route("/", get(dashboard::index))
-        .route("/assets/{name}", get(dashboard::asset))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/openapi.yaml", get(health::openapi))
-        .route("/metrics", get(metrics::scrape))
+    let api = Router::new()
         .route(
             "/v1/datasets",
             get(datasets::list)
@@ -82,6 +83,23 @@ pub fn router(state: AppState) -> Router {
             "/v1/models/{id}/classify",
             post(models::classify).layer(inference_limit),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            deadline::enforce_deadline,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
+        .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
+    Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::asset))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.yaml", get(health::openapi))
+        .route("/metrics", get(metrics::scrape))
+        .merge(api)
         .fallback(not_found)
         .layer(CatchPanicLayer::new())
         .layer(axum::middleware::from_fn(metrics::track_requests))

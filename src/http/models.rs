@@ -15,6 +15,7 @@ use super::datasets::list_limit;
 use super::error::ApiError;
 use super::extract::{read_images, ApiPath, ApiQuery};
 use super::AppState;
+use crate::auth::Tenant;
 use crate::data::decode::{decode_image, to_chw_u8};
 use crate::db::datasets::DeleteOutcome;
 use crate::db::models::{delete_model, get_model, list_models, Model};
@@ -29,8 +30,8 @@ pub struct ModelListParams {
     pub limit: Option<i64>,
 }
 
-async fn find_model(state: &AppState, id: Uuid) -> Result<Model, ApiError> {
-    get_model(&state.pool, id)
+async fn find_model(state: &AppState, tenant: &Tenant, id: Uuid) -> Result<Model, ApiError> {
+    get_model(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no model with id {id}")))
 }
@@ -38,6 +39,7 @@ async fn find_model(state: &AppState, id: Uuid) -> Result<Model, ApiError> {
 /// `GET /v1/models`
 pub async fn list(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiQuery(params): ApiQuery<ModelListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(k) = params
@@ -52,6 +54,7 @@ pub async fn list(
     }
     let models = list_models(
         &state.pool,
+        tenant.id,
         params.kind.as_deref(),
         list_limit(params.limit)?,
     )
@@ -62,17 +65,19 @@ pub async fn list(
 /// `GET /v1/models/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Model>, ApiError> {
-    Ok(Json(find_model(&state, id).await?))
+    Ok(Json(find_model(&state, &tenant, id).await?))
 }
 
 /// `DELETE /v1/models/{id}`
 pub async fn delete(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    match delete_model(&state.pool, id).await? {
+    match delete_model(&state.pool, tenant.id, id).await? {
         DeleteOutcome::Deleted => {
             state.inference.evict(id);
             state.storage.remove_model(id).await?;
@@ -88,9 +93,10 @@ pub async fn delete(
 /// `GET /v1/models/{id}/weights`
 pub async fn weights(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
-    let model = find_model(&state, id).await?;
+    let model = find_model(&state, &tenant, id).await?;
     state.storage.fetch_model(model.id).await?;
     let path = state.storage.model_weights(model.id);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
@@ -188,10 +194,11 @@ async fn infer(
 /// `POST /v1/models/{id}/embed`
 pub async fn embed(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
     request: Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let model = find_model(&state, id).await?;
+    let model = find_model(&state, &tenant, id).await?;
     let InferenceOutput::Embeddings(embeddings) =
         infer(&state, &model, InferenceTask::Embed, request).await?
     else {
@@ -224,6 +231,7 @@ pub struct Prediction<'a> {
 /// `POST /v1/models/{id}/classify?top_k=5`
 pub async fn classify(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<ClassifyParams>,
     request: Request,
@@ -237,7 +245,7 @@ pub async fn classify(
             ))
         }
     };
-    let model = find_model(&state, id).await?;
+    let model = find_model(&state, &tenant, id).await?;
     if model.kind != "classifier" {
         return Err(ApiError::Conflict(format!(
             "model {id} is an encoder and has no classes; fine-tune it on a labelled dataset (POST /v1/jobs with kind finetune) and classify with the resulting model, or use /embed"

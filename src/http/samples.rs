@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::ApiPath;
 use super::AppState;
+use crate::auth::Tenant;
 use crate::data::manifest::Manifest;
 use crate::db::datasets::get_dataset;
 
@@ -20,6 +21,7 @@ pub const SAMPLE_COUNT: usize = 16;
 /// order), `n < 16`, with its image content type.
 pub async fn sample(
     State(state): State<AppState>,
+    tenant: Tenant,
     ApiPath((id, n)): ApiPath<(Uuid, String)>,
 ) -> Result<Response, ApiError> {
     let n = n
@@ -32,7 +34,7 @@ pub async fn sample(
                 SAMPLE_COUNT - 1
             ))
         })?;
-    let dataset = get_dataset(&state.pool, id)
+    let dataset = get_dataset(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))?;
     if n >= dataset.num_images as usize {

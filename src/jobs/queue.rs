@@ -173,6 +173,7 @@ pub async fn finish_succeeded(
     }
     let origin = ModelOrigin {
         id: model_id,
+        tenant_id: job.tenant_id,
         job_id: job.id,
         base_model_id: job.base_model_id,
         dataset_id: job.dataset_id,

@@ -232,7 +232,7 @@ impl Worker {
         if let Err(error) = self.execute(job, shutdown).await {
             tracing::error!(%job_id, error = format!("{error:#}"), "job bookkeeping failed");
         }
-        if let Ok(Some(job)) = crate::db::jobs::get_job(&self.pool, job_id).await {
+        if let Ok(Some(job)) = crate::db::jobs::get_any_tenants_job(&self.pool, job_id).await {
             crate::telemetry::observe_job_released(&job);
         }
         Ok(Some(job_id))
@@ -240,7 +240,7 @@ impl Worker {
 
     async fn execute(&self, job: Job, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let dataset = match job.dataset_id {
-            Some(id) => get_dataset(&self.pool, id).await?,
+            Some(id) => get_dataset(&self.pool, job.tenant_id, id).await?,
             None => None,
         };
         let Some(dataset) = dataset else {
@@ -249,7 +249,7 @@ impl Worker {
             return Ok(());
         };
         let base = match job.base_model_id {
-            Some(id) => match get_model(&self.pool, id).await? {
+            Some(id) => match get_model(&self.pool, job.tenant_id, id).await? {
                 Some(model) => Some(model),
                 None => {
                     let end = JobEnd::Failed("the job's base model was deleted".to_string());
@@ -467,7 +467,7 @@ impl Worker {
                 else {
                     return Ok(Ok(None));
                 };
-                if get_dataset(&self.pool, id).await?.is_none() {
+                if get_dataset(&self.pool, job.tenant_id, id).await?.is_none() {
                     return Ok(Err(format!("the evaluation dataset {id} was deleted")));
                 }
                 Ok(Ok(Some(frozen_defaults(
@@ -481,7 +481,7 @@ impl Worker {
                     .context("the stored evaluate config is unreadable")?;
                 let test_dir = match config.test_dataset_id {
                     Some(id) => {
-                        if get_dataset(&self.pool, id).await?.is_none() {
+                        if get_dataset(&self.pool, job.tenant_id, id).await?.is_none() {
                             return Ok(Err(format!("the test dataset {id} was deleted")));
                         }
                         Some(self.storage.dataset_dir(id))

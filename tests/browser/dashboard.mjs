@@ -14,15 +14,14 @@ import { chromium } from "playwright-core";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 
-const [baseUrl, dir] = process.argv.slice(2);
-if (!baseUrl || !dir) {
-  console.error("usage: node dashboard.mjs <base-url> <dir>");
+const [baseUrl, dir, API_KEY] = process.argv.slice(2);
+if (!baseUrl || !dir || !API_KEY) {
+  console.error("usage: node dashboard.mjs <base-url> <dir> <api-key>");
   process.exit(2);
 }
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const JOB_TIMEOUT_MS = 240_000;
-const API_KEY = "browser-test-key";
 const FINETUNE_CONFIG = { epochs: 15, batch_size: 16, learning_rate: 0.003, val_fraction: 0.2 };
 
 function check(condition, message) {
@@ -52,13 +51,16 @@ const context = await browser.newContext({ viewport: { width: 1366, height: 860 
 const page = await context.newPage();
 
 // The page must run without script errors. A 404 for the job event stream is
-// expected where the server has none: the page then polls.
+// expected where the server has none: the page then polls. Until the key is
+// entered, the API answers 401.
 const pageErrors = [];
+let keyEntered = false;
 page.on("pageerror", (error) => pageErrors.push(String(error)));
 page.on("console", (message) => {
   if (message.type() !== "error") return;
   const url = message.location()?.url ?? "";
   if (/\/v1\/jobs\/[^/]+\/events$/.test(url)) return;
+  if (!keyEntered && message.text().includes("401")) return;
   pageErrors.push(message.text());
 });
 const apiRequests = [];
@@ -119,7 +121,13 @@ try {
   await page.locator("#health.health-ok").waitFor();
   check(/ready · \d+ worker/.test(await page.locator("#health").textContent()), "the readiness badge says ready");
 
+  // Without a key the API answers 401 and the page asks for one.
+  await page.locator(".key-field.needs-key").waitFor();
+  await page.locator(".toast", { hasText: "needs an API key" }).waitFor();
+  check(true, "without a key, the page asks for one");
+
   // The API key is kept and sent.
+  keyEntered = true;
   await page.locator("#api-key").fill(API_KEY);
   await page.locator("#api-key").press("Tab");
   await page.locator(".toast", { hasText: "API key saved" }).waitFor();

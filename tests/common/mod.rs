@@ -16,6 +16,23 @@ use tokio_util::sync::CancellationToken;
 
 pub mod processes;
 
+/// The API key every test server accepts (for the `default` tenant), and
+/// that `TestApp::client` sends.
+pub const TEST_API_KEY: &str = "ptx_test_key_for_the_integration_tests_0123456789";
+
+/// A client that sends `key` as `Authorization: Bearer <key>` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client")
+}
+
 /// Postgres server the tests use; each test gets its own database on it.
 pub fn postgres_server() -> String {
     std::env::var("PRETEXT_TEST_POSTGRES")
@@ -36,7 +53,8 @@ pub struct TestApp {
     pub database_url: String,
     pub data_dir: PathBuf,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// `None` for a handle made by [`TestApp::with_key`].
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 /// Knobs tests turn.
@@ -50,6 +68,8 @@ pub struct TestOptions {
     pub environment: Option<(String, PathBuf)>,
     /// Any further change to the configuration.
     pub configure: Option<fn(&mut ServeConfig)>,
+    /// Requests per second and burst per key; `None` keeps the defaults.
+    pub rate_limit: Option<(f64, u32)>,
 }
 
 impl Default for TestOptions {
@@ -62,6 +82,7 @@ impl Default for TestOptions {
             max_archive_entries: None,
             environment: None,
             configure: None,
+            rate_limit: None,
         }
     }
 }
@@ -74,6 +95,11 @@ pub fn test_config(options: &TestOptions, database_url: &str, data_dir: PathBuf)
     config.inference_device = "cpu".to_string();
     config.worker.lease_secs = options.lease_secs;
     config.worker.poll_interval_ms = 200;
+    config.api_key = Some(TEST_API_KEY.to_string());
+    if let Some((per_second, burst)) = options.rate_limit {
+        config.rate_limit_per_second = per_second;
+        config.rate_limit_burst = burst;
+    }
     if let Some(v) = options.max_upload_bytes {
         config.max_upload_bytes = v;
     }
@@ -109,11 +135,11 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: client_with_key(TEST_API_KEY),
         database_url,
         data_dir,
         shutdown,
-        server,
+        server: Some(server),
     }
 }
 
@@ -122,10 +148,40 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
-    /// Stops the server and waits for it.
+    /// Stops the server and waits for it (a [`TestApp::with_key`] handle
+    /// stops nothing).
     pub async fn stop(self) {
+        let Some(server) = self.server else {
+            return;
+        };
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(60), server).await;
+    }
+
+    /// A handle on the same server whose requests send `key` instead.
+    pub fn with_key(&self, key: &str) -> TestApp {
+        TestApp {
+            address: self.address.clone(),
+            client: client_with_key(key),
+            database_url: self.database_url.clone(),
+            data_dir: self.data_dir.clone(),
+            shutdown: self.shutdown.clone(),
+            server: None,
+        }
+    }
+
+    /// A new key for the tenant called `tenant` (created if new), made in
+    /// the database as `pretext keys create` does.
+    pub async fn create_key(&self, tenant: &str) -> String {
+        let pool = sqlx::PgPool::connect(&self.database_url)
+            .await
+            .expect("the test database answers");
+        let key = pretext::auth::keys::generate_key();
+        pretext::auth::keys::store_key(&pool, tenant, "test", &key)
+            .await
+            .expect("the key is stored");
+        pool.close().await;
+        key
     }
 
     pub async fn upload_raw(

@@ -1,0 +1,48 @@
+//! Who is asking: API keys (generation, hashing, the key stored at first
+//! start), the middleware that turns `Authorization: Bearer <key>` into the
+//! key's [`Tenant`] on every `/v1` route, and the per-key rate limiter.
+//!
+//! # Layout
+//! - `keys`: making a key, its hash and its listed prefix; the first-start key.
+//! - `middleware`: the `/v1` gate (401, 429) and the [`Tenant`] extractor.
+//! - `rate_limit`: an in-memory token bucket per key.
+
+pub mod keys;
+pub mod middleware;
+pub mod rate_limit;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use uuid::Uuid;
+
+use crate::http::error::ApiError;
+use rate_limit::RateLimiter;
+
+/// The tenant a request acts for; every dataset, job and model it reads or
+/// writes belongs to this tenant.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub name: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Tenant>().cloned().ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!(
+                "a handler asked for the tenant on a route without the authentication layer"
+            ))
+        })
+    }
+}
+
+/// How the server authenticates, shared by every request.
+pub struct Auth {
+    /// `Some` when authentication is off (`--insecure-no-auth`): every
+    /// request acts as this tenant.
+    pub insecure_tenant: Option<Tenant>,
+    /// `None` when rate limiting is off.
+    pub limiter: Option<RateLimiter>,
+}

@@ -1,0 +1,471 @@
+//! API keys and tenants: two tenants never see, use, cancel or delete each
+//! other's datasets, jobs and models; requests without a valid key get 401,
+//! too many get 429; the `keys` commands and the first start of the real
+//! binary hand out keys that work.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Ids of what a tenant owns after a pretraining run.
+struct Owned {
+    dataset: String,
+    job: String,
+    model: String,
+}
+
+async fn train_something(app: &TestApp, seed: u64) -> Owned {
+    let dataset = app
+        .upload_zip(zip_archive(&labelled_entries(8, seed)))
+        .await;
+    let dataset = dataset["id"].as_str().unwrap().to_string();
+    let job = app
+        .create_job(
+            json!({"kind": "pretrain", "dataset_id": dataset, "config": quick_pretrain_config()}),
+        )
+        .await;
+    let job = job["id"].as_str().unwrap().to_string();
+    let done = app.wait_for_success(&job, Duration::from_secs(180)).await;
+    Owned {
+        dataset,
+        job,
+        model: done["model_id"].as_str().unwrap().to_string(),
+    }
+}
+
+fn ids(list: &Value, field: &str) -> Vec<String> {
+    list[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {list}"))
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn status(response: reqwest::Response) -> u16 {
+    response.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
+    let app = spawn_app().await;
+    let other = app.with_key(&app.create_key("beta").await);
+    let mine = train_something(&app, 1).await;
+    let theirs = train_something(&other, 2).await;
+    let png = png(&shape_image("disc", &mut rand::thread_rng()));
+
+    // Lists hold only the tenant's own.
+    for (tenant, own, foreign) in [(&app, &mine, &theirs), (&other, &theirs, &mine)] {
+        let datasets = ids(&tenant.get_json("/v1/datasets").await, "datasets");
+        assert_eq!(datasets, vec![own.dataset.clone()]);
+        let jobs = ids(&tenant.get_json("/v1/jobs").await, "jobs");
+        assert_eq!(jobs, vec![own.job.clone()]);
+        let models = ids(&tenant.get_json("/v1/models").await, "models");
+        assert_eq!(models, vec![own.model.clone()]);
+        assert!(!datasets.contains(&foreign.dataset));
+    }
+
+    // Reading by id: the owner gets it, the other tenant the answer of a missing id.
+    let reads = [
+        format!("/v1/datasets/{}", mine.dataset),
+        format!("/v1/datasets/{}/samples/0", mine.dataset),
+        format!("/v1/jobs/{}", mine.job),
+        format!("/v1/jobs/{}/metrics", mine.job),
+        format!("/v1/jobs/{}/events", mine.job),
+        format!("/v1/models/{}", mine.model),
+        format!("/v1/models/{}/weights", mine.model),
+    ];
+    for path in &reads {
+        assert_eq!(status(app.get(path).await).await, 200, "owner: GET {path}");
+        let body = assert_problem(other.get(path).await, 404).await;
+        assert!(
+            !body["detail"].as_str().unwrap().contains("tenant"),
+            "GET {path}: {body}"
+        );
+    }
+    // A pretrain job without an evaluation dataset has no report: 409 for
+    // the owner, 404 for the other tenant.
+    let report = format!("/v1/jobs/{}/report", mine.job);
+    assert_problem(app.get(&report).await, 409).await;
+    assert_problem(other.get(&report).await, 404).await;
+
+    // Inference with another tenant's model.
+    for action in ["embed", "classify"] {
+        assert_problem(
+            other.post_image(&mine.model, action, "", png.clone()).await,
+            404,
+        )
+        .await;
+    }
+    let embedded = app.post_image(&mine.model, "embed", "", png.clone()).await;
+    assert_eq!(embedded.status(), 200);
+
+    // Jobs that name another tenant's dataset or model, in any field.
+    let foreign_references = [
+        json!({"kind": "pretrain", "dataset_id": mine.dataset}),
+        json!({"kind": "finetune", "dataset_id": theirs.dataset, "base_model_id": mine.model}),
+        json!({"kind": "evaluate", "dataset_id": theirs.dataset, "base_model_id": mine.model}),
+        json!({"kind": "pretrain", "dataset_id": theirs.dataset,
+               "config": {"eval_dataset_id": mine.dataset}}),
+        json!({"kind": "evaluate", "dataset_id": theirs.dataset, "base_model_id": theirs.model,
+               "config": {"protocol": "knn", "test_dataset_id": mine.dataset}}),
+    ];
+    for body in &foreign_references {
+        let response = other.post_json("/v1/jobs", body).await;
+        assert_eq!(
+            response.status(),
+            404,
+            "{body}: {}",
+            response.text().await.unwrap()
+        );
+    }
+    // The same references to its own things are accepted.
+    let own = other
+        .create_job(json!({"kind": "evaluate", "dataset_id": theirs.dataset,
+                           "base_model_id": theirs.model,
+                           "config": {"protocol": "knn", "test_dataset_id": theirs.dataset}}))
+        .await;
+    let own_id = own["id"].as_str().unwrap();
+    assert_eq!(status(other.cancel_job(own_id).await).await, 200);
+
+    // Cancelling and deleting another tenant's things: 404, and nothing changes.
+    assert_problem(other.cancel_job(&mine.job).await, 404).await;
+    assert_problem(app.cancel_job(&mine.job).await, 409).await;
+    for path in [
+        format!("/v1/datasets/{}", mine.dataset),
+        format!("/v1/models/{}", mine.model),
+    ] {
+        assert_problem(other.delete(&path).await, 404).await;
+        assert_eq!(status(app.get(&path).await).await, 200, "{path} survives");
+    }
+    assert_eq!(
+        status(app.delete(&format!("/v1/models/{}", mine.model)).await).await,
+        204
+    );
+    assert_eq!(
+        status(app.delete(&format!("/v1/datasets/{}", mine.dataset)).await).await,
+        204
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_valid_key_get_401_and_open_routes_stay_open() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let url = app.url("/v1/datasets");
+    let bare = reqwest::Client::new();
+    let revoked_key = app.create_key("gamma").await;
+    assert_eq!(
+        status(app.with_key(&revoked_key).get("/v1/datasets").await).await,
+        200
+    );
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let keys = pretext::db::keys::list_keys(&pool).await.unwrap();
+    let gamma = keys.iter().find(|k| k.tenant == "gamma").unwrap();
+    assert!(revoked_key.starts_with(&gamma.prefix));
+    pretext::db::keys::revoke_key(&pool, gamma.id)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let attempts = [
+        ("no header", bare.get(&url)),
+        (
+            "another scheme",
+            bare.get(&url).header("authorization", "Basic dXNlcjpwYXNz"),
+        ),
+        ("no key", bare.get(&url).header("authorization", "Bearer ")),
+        ("an unknown key", bare.get(&url).bearer_auth("ptx_0000")),
+        ("a revoked key", bare.get(&url).bearer_auth(&revoked_key)),
+    ];
+    for (what, request) in attempts {
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Bearer realm=\"pretext\"",
+            "{what}"
+        );
+        let body = assert_problem(response, 401).await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer <key>"),
+            "{what}: {body}"
+        );
+    }
+    // Every /v1 route is behind the key, whatever the method.
+    let some_id = uuid::Uuid::new_v4();
+    let guarded = [
+        bare.post(app.url("/v1/jobs")).json(&json!({})),
+        bare.delete(app.url(&format!("/v1/models/{some_id}"))),
+        bare.get(app.url(&format!("/v1/jobs/{some_id}/events"))),
+        bare.post(app.url("/v1/datasets")).body(vec![0u8; 10]),
+    ];
+    for request in guarded {
+        assert_eq!(request.send().await.unwrap().status(), 401);
+    }
+    for open in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.yaml",
+        "/",
+        "/assets/app.js",
+    ] {
+        let response = bare.get(app.url(open)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{open} needs no key");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_gets_429_with_retry_after() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        rate_limit: Some((0.5, 2)),
+        ..Default::default()
+    })
+    .await;
+    let other = app.with_key(&app.create_key("beta").await);
+    assert_eq!(status(app.get("/v1/datasets").await).await, 200);
+    assert_eq!(status(app.get("/v1/jobs").await).await, 200);
+    let response = app.get("/v1/models").await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body = assert_problem(response, 429).await;
+    assert!(body["detail"].as_str().unwrap().contains("retry after"));
+    // Each key has its own bucket; open routes have none.
+    assert_eq!(status(other.get("/v1/datasets").await).await, 200);
+    assert_eq!(status(app.get("/healthz").await).await, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_over_the_limit_gets_413() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let padding = "x".repeat(2 << 20);
+    let body = json!({"kind": "pretrain", "dataset_id": uuid::Uuid::new_v4(), "padding": padding});
+    assert_problem(app.post_json("/v1/jobs", &body).await, 413).await;
+    app.stop().await;
+}
+
+/// The real binary with `args`, against `database_url`, with no key in its environment.
+fn pretext(database_url: &str, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pretext"));
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("PRETEXT_API_KEY")
+        .env_remove("PRETEXT_INSECURE_NO_AUTH")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run_ok(database_url: &str, args: &[&str]) -> String {
+    let output = pretext(database_url, args).output().await.unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "pretext {}: {stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_commands_create_list_and_revoke_keys() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let db = app.database_url.clone();
+    let created = run_ok(&db, &["keys", "create", "--tenant", "acme", "--name", "ci"]).await;
+    let key = created.trim().to_string();
+    assert!(key.starts_with("ptx_") && key.len() > 40, "{created}");
+    let acme = app.with_key(&key);
+    assert_eq!(
+        ids(&acme.get_json("/v1/datasets").await, "datasets").len(),
+        0
+    );
+
+    let listed = run_ok(&db, &["keys", "list"]).await;
+    assert!(
+        !listed.contains(&key),
+        "the key itself is never listed:\n{listed}"
+    );
+    assert!(listed.contains(&key[..12]), "its prefix is:\n{listed}");
+    let row = listed
+        .lines()
+        .find(|line| line.contains("acme"))
+        .unwrap_or_else(|| panic!("no acme key in\n{listed}"));
+    assert!(row.contains(" ci "), "{row}");
+    assert!(row.trim_end().ends_with('-'), "not revoked yet: {row}");
+    let id = row.split_whitespace().next().unwrap();
+
+    run_ok(&db, &["keys", "revoke", id]).await;
+    assert_problem(acme.get("/v1/datasets").await, 401).await;
+    let listed = run_ok(&db, &["keys", "list"]).await;
+    let row = listed.lines().find(|line| line.starts_with(id)).unwrap();
+    assert!(row.trim_end().ends_with("UTC"), "a revoked date: {row}");
+    // The test key of the default tenant still works.
+    assert_eq!(status(app.get("/v1/datasets").await).await, 200);
+
+    let unknown = pretext(&db, &["keys", "revoke", &uuid::Uuid::new_v4().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no key with id"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_prints_a_key_that_works() {
+    let (database_url, data_dir) = fresh_environment();
+    let mut child = pretext(
+        &database_url,
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
+    .arg("--data-dir")
+    .arg(&data_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (key, address) = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut key = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(k) = line.trim().strip_prefix("ptx_") {
+                key = Some(format!("ptx_{k}"));
+            }
+            if let Some(address) = line.strip_prefix("pretext listening on ") {
+                return (key, address.to_string());
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("the binary listens within a minute");
+    let key = key.expect("a key is printed before the server listens");
+    let with_key = client_with_key(&key)
+        .get(format!("{address}/v1/datasets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_key.status(), 200);
+    let without = reqwest::get(format!("{address}/v1/datasets"))
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 401);
+    child.kill().await.unwrap();
+
+    // Keys exist now: a second start prints none, and a configured key is
+    // accepted beside the first one.
+    let mut child = pretext(
+        &database_url,
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
+    .arg("--data-dir")
+    .arg(&data_dir)
+    .env("PRETEXT_API_KEY", "configured-key-for-this-test")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            assert!(!line.contains("ptx_"), "no second key: {line}");
+            if let Some(address) = line.strip_prefix("pretext listening on ") {
+                return address.to_string();
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("the binary listens within a minute");
+    for key in [key.as_str(), "configured-key-for-this-test"] {
+        let response = client_with_key(key)
+            .get(format!("{address}/v1/jobs"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{key}");
+    }
+    child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auth_every_request_acts_as_the_default_tenant() {
+    let (database_url, data_dir) = fresh_environment();
+    let options = TestOptions {
+        workers: 0,
+        ..Default::default()
+    };
+    let mut config = test_config(&options, &database_url, data_dir);
+    config.api_key = None;
+    config.insecure_no_auth = true;
+    let app = pretext::app::Application::build(config).await.unwrap();
+    assert!(app.generated_key().is_none());
+    let address = format!("http://{}", app.local_addr());
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    let bare = reqwest::Client::new();
+    let uploaded = bare
+        .post(format!("{address}/v1/datasets?name=open"))
+        .header("content-type", "application/zip")
+        .body(zip_archive(&labelled_entries(2, 3)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), 201);
+    let listed: Value = bare
+        .get(format!("{address}/v1/datasets"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["datasets"][0]["name"], "open");
+    shutdown.cancel();
+    let _ = server.await;
+}
