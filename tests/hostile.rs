@@ -62,9 +62,12 @@ fn jpeg(seed: u64) -> Vec<u8> {
     out
 }
 
+/// One tar entry: raw name, kind, contents and link target.
+type RawTarEntry<'a> = (Vec<u8>, tar::EntryType, Vec<u8>, Option<&'a str>);
+
 /// A tar archive whose entries are written with raw header fields, so names
 /// may be unsafe or not UTF-8 and entries may be links.
-fn raw_tar(entries: &[(Vec<u8>, tar::EntryType, Vec<u8>, Option<&str>)]) -> Vec<u8> {
+fn raw_tar(entries: &[RawTarEntry]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, kind, bytes, link) in entries {
         let mut header = tar::Header::new_gnu();

@@ -418,7 +418,7 @@ impl Worker {
         for key in ["eval_dataset_id", "test_dataset_id"] {
             let other = job.config.0.get(key).and_then(|v| v.as_str());
             if let Some(id) = other.and_then(|s| s.parse::<Uuid>().ok()) {
-                if get_dataset(&self.pool, id).await?.is_some() {
+                if get_dataset(&self.pool, job.tenant_id, id).await?.is_some() {
                     self.storage.fetch_dataset(id).await?;
                 }
             }
