@@ -44,20 +44,29 @@ fn keep_log(child: &mut Child) -> Arc<Mutex<String>> {
     log
 }
 
-/// Waits for a stdout line starting with `prefix`; returns the rest of it.
+/// Waits for a stdout line starting with `prefix` and returns the rest of
+/// it; every stdout line (the service logs there too) goes on into the log,
+/// so the pipe stays open for the life of the process.
 async fn wait_for_line(child: &mut Child, prefix: &str, log: &Arc<Mutex<String>>) -> String {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel();
+    let sink = log.clone();
+    let prefix_owned = prefix.to_string();
+    tokio::spawn(async move {
+        let mut found_tx = Some(found_tx);
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return Some(rest.to_string());
+            if let Some(rest) = line.strip_prefix(prefix_owned.as_str()) {
+                if let Some(tx) = found_tx.take() {
+                    let _ = tx.send(rest.to_string());
+                }
             }
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
         }
-        None
-    })
-    .await;
-    match found {
-        Ok(Some(rest)) => rest,
+    });
+    match tokio::time::timeout(Duration::from_secs(60), found_rx).await {
+        Ok(Ok(rest)) => rest,
         _ => panic!(
             "pretext did not print `{prefix}`; its log:\n{}",
             log.lock().unwrap()
