@@ -2,7 +2,7 @@
 PyTorch user would serve it, with FastAPI + uvicorn in one process.
 
 Usage: python bench/reference/serve_fastapi.py --weights W.safetensors
-           --model MODEL.json --threads N [--port 8090]
+           --model MODEL.json --threads N [--port 8090] [--device cuda:0]
 
 MODEL.json is the service's `GET /v1/models/{id}` answer; W is its
 `GET /v1/models/{id}/weights` download (safetensors, torchvision names).
@@ -33,12 +33,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"
 from reproduce_in_pytorch import build_network, to_chw_u8  # noqa: E402
 
 
-def create_app(model, weights, threads):
+def create_app(model, weights, threads, device):
     torch.set_num_threads(threads)
     net, head = build_network(model, load_file(weights))
+    net, head = net.to(device), head.to(device)
     spec = model["input"]
-    mean = torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(spec["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
     classes = model["classes"]
     app = FastAPI()
 
@@ -57,7 +58,7 @@ def create_app(model, weights, threads):
             parts = [await part.read() for _, part in form.multi_items() if hasattr(part, "read")]
         else:
             parts = [await request.body()]
-        batch = torch.stack([preprocess(p) for p in parts]).to(torch.float32) / 255.0
+        batch = torch.stack([preprocess(p) for p in parts]).to(device, torch.float32) / 255.0
         with torch.inference_mode():
             probabilities = head(net((batch - mean) / std)).softmax(-1)
         scores, indices = probabilities.topk(min(top_k, len(classes)), dim=-1)
@@ -76,10 +77,11 @@ def main():
     parser.add_argument("--model", required=True, help="the model's JSON from GET /v1/models/{id}")
     parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
     parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     args = parser.parse_args()
     with open(args.model) as f:
         model = json.load(f)
-    app = create_app(model, args.weights, args.threads)
+    app = create_app(model, args.weights, args.threads, torch.device(args.device))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

@@ -2,6 +2,7 @@
 
 Usage: python bench/serve/run.py [--duration 15] [--concurrency 1,8,32,128]
            [--max-batch-size 32] [--max-batch-delay-ms 2] [--skip-build]
+           [--device cpu|cuda] [--image-size 32] [--request-size 32]
 
 Builds the release binary, starts `pretext serve` on the CPU against a fresh
 database `pretext_bench_serve` and its own data folder (target/bench-serve),
@@ -15,6 +16,13 @@ with wrk (bench/serve/post.lua: the same 32x32 PNG as a raw image body,
 top_k=5) at every concurrency for a fixed duration after a warm-up, the two
 servers back to back at each concurrency, recording `uptime` before each
 side. Writes bench/results/serve.md and bench/results/serve.json.
+
+With `--device cuda` both servers run the model on the GPU, and
+bench/reference/gpu_synthetic.py measures plain PyTorch's ResNet-18
+inference at batch 1 and 64 on random inputs already on the GPU (bf16
+autocast) in the same run, as the ceiling the HTTP figures are set against.
+`--image-size` is the model's input size (the server resizes every request
+to it); `--request-size` the side of the PNG each request sends.
 
 Needs wrk (apt-get install wrk), psql/dropdb, and fastapi, uvicorn and
 python-multipart in the project venv (`make bench-setup`).
@@ -77,8 +85,9 @@ def wait_until_up(url, process, seconds=120):
     sys.exit(f"{url} did not answer within {seconds} s")
 
 
-def shape_image(kind, seed):
-    """A 32x32 disc or stripe in seeded colours, like the tests' datasets."""
+def shape_image(kind, seed, side=IMAGE_SIZE):
+    """A disc or stripe in seeded colours, like the tests' datasets, drawn at
+    32x32 and scaled to `side`."""
     import random
 
     rng = random.Random(seed)
@@ -94,7 +103,7 @@ def shape_image(kind, seed):
         draw.rectangle([0, 12 + offset, 31, 19 + offset], fill=fg)
     else:
         draw.rectangle([12 + offset, 0, 19 + offset, 31], fill=fg)
-    return image
+    return image if side == IMAGE_SIZE else image.resize((side, side), Image.BILINEAR)
 
 
 def png(image):
@@ -122,8 +131,9 @@ def run_job(base, payload):
     return job
 
 
-def create_model(base):
-    """Upload a dataset, pretrain and fine-tune a resnet18; the classifier's JSON."""
+def create_model(base, image_size):
+    """Upload a dataset, pretrain and fine-tune a resnet18 at `image_size`;
+    the classifier's JSON."""
     dataset = json.loads(
         request(f"{base}/v1/datasets?name=bench-shapes", dataset_zip(32), "application/zip")
     )
@@ -136,7 +146,7 @@ def create_model(base):
             "config": {
                 "backbone": "resnet18",
                 "pretext": "rotation",
-                "image_size": IMAGE_SIZE,
+                "image_size": image_size,
                 "max_steps": 5,
                 "batch_size": 8,
             },
@@ -186,10 +196,10 @@ def parse_wrk(output):
     }
 
 
-def wrk(url, concurrency, duration, env):
+def wrk(url, concurrency, duration, env, threads=2):
     command = [
         "wrk",
-        f"-t{min(2, concurrency)}",
+        f"-t{min(threads, concurrency)}",
         f"-c{concurrency}",
         f"-d{duration}s",
         "--timeout", "30s",
@@ -199,6 +209,28 @@ def wrk(url, concurrency, duration, env):
     ]
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return " ".join(command), output
+
+
+def synthetic_inference(model):
+    """bench/reference/gpu_synthetic.py's inference figures for the served
+    model's input: {batch size: images/s}."""
+    command = [
+        sys.executable, os.path.join(ROOT, "bench", "reference", "gpu_synthetic.py"),
+        "--skip-train",
+        "--inference-size", str(model["input"]["image_size"]),
+        "--inference-channels", str(model["input"]["channels"]),
+        "--classes", str(len(model["classes"])),
+    ]
+    log("running: " + " ".join(command))
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return {
+        "command": " ".join(command),
+        "images_per_second": {
+            row["batch_size"]: row["images_per_second"]
+            for row in rows if row.get("measurement") == "inference"
+        },
+    }
 
 
 def uptime():
@@ -228,6 +260,12 @@ def main():
         type=int,
         help="intra-op threads of both servers (OMP_NUM_THREADS for pretext); default LibTorch's",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="the model's input size")
+    parser.add_argument("--request-size", type=int, default=IMAGE_SIZE,
+                        help="side of the PNG each request sends")
+    parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--output", default="serve", help="name of the results files")
     parser.add_argument(
         "--binary",
@@ -236,6 +274,7 @@ def main():
     )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    device = "cuda:0" if args.device == "cuda" else args.device
 
     env = dict(os.environ, LIBTORCH_USE_PYTORCH="1")
     env["PATH"] = os.path.join(ROOT, ".venv", "bin") + os.pathsep + env["PATH"]
@@ -254,11 +293,13 @@ def main():
         "--bind", f"127.0.0.1:{OURS_PORT}",
         "--database-url", f"postgres://postgres@127.0.0.1:5432/{DATABASE}",
         "--data-dir", os.path.join(WORK, "data"),
-        "--devices", "cpu", "--inference-device", "cpu",
+        "--devices", device, "--inference-device", device,
         "--max-batch-size", str(args.max_batch_size),
         "--max-batch-delay-ms", str(args.max_batch_delay_ms),
-        # Room for every connection: the bench measures throughput, not refusals.
+        # Room for every connection and no per-key limit: the bench measures
+        # throughput, not refusals.
         "--inference-queue-depth", "1024",
+        "--rate-limit-per-second", "0",
     ]
     server_log = open(os.path.join(WORK, "pretext.log"), "w")
     ours = subprocess.Popen(server_command, env=server_env, stdout=server_log, stderr=subprocess.STDOUT)
@@ -271,7 +312,7 @@ def main():
         threads = int(re.search(r"intra_op_threads=(\d+)", plain).group(1))
         log(f"pretext is up; LibTorch intra-op threads: {threads}")
 
-        model = create_model(base)
+        model = create_model(base, args.image_size)
         model_path = os.path.join(WORK, "model.json")
         weights_path = os.path.join(WORK, "model.safetensors")
         with open(model_path, "w") as f:
@@ -283,6 +324,7 @@ def main():
             sys.executable, os.path.join(ROOT, "bench", "reference", "serve_fastapi.py"),
             "--weights", weights_path, "--model", model_path,
             "--threads", str(threads), "--port", str(REFERENCE_PORT),
+            "--device", device,
         ]
         reference = subprocess.Popen(reference_command, stdout=server_log, stderr=subprocess.STDOUT)
         path = f"/v1/models/{model['id']}/classify?top_k=5"
@@ -293,7 +335,7 @@ def main():
         wait_until_up(f"http://127.0.0.1:{REFERENCE_PORT}/docs", reference)
 
         image_path = os.path.join(WORK, "bench.png")
-        image = png(shape_image("disc", 424242))
+        image = png(shape_image("disc", 424242, args.request_size))
         with open(image_path, "wb") as f:
             f.write(image)
         difference = compare_answers(urls["pretext"], urls["reference"], image)
@@ -301,13 +343,13 @@ def main():
 
         wrk_env = dict(env, BENCH_IMAGE=image_path, BENCH_API_KEY=API_KEY)
         for url in urls.values():
-            wrk(url, 8, args.warmup, wrk_env)
+            wrk(url, 8, args.warmup, wrk_env, args.wrk_threads)
         runs = []
         for concurrency in levels:
             row = {"concurrency": concurrency}
             for side, url in urls.items():
                 load = uptime()
-                command, output = wrk(url, concurrency, args.duration, wrk_env)
+                command, output = wrk(url, concurrency, args.duration, wrk_env, args.wrk_threads)
                 row[side] = dict(parse_wrk(output), uptime_before=load, command=command, raw=output)
                 log(f"c={concurrency} {side}: {row[side]['requests_per_s']:.1f} req/s, "
                     f"p50 {row[side]['p50_ms']:.2f} ms, p99 {row[side]['p99_ms']:.2f} ms "
@@ -330,6 +372,7 @@ def main():
 
     import torch
 
+    synthetic = synthetic_inference(model) if args.device == "cuda" else None
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/serve/run.py " + " ".join(sys.argv[1:]),
@@ -339,7 +382,11 @@ def main():
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
         },
-        "model": {"backbone": model["backbone"], "image_size": IMAGE_SIZE, "classes": CLASSES},
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "model": {"backbone": model["backbone"], "image_size": args.image_size, "classes": CLASSES},
+        "request_size": args.request_size,
+        "synthetic_inference": synthetic,
         "intra_op_threads": threads,
         "max_batch_size": args.max_batch_size,
         "max_batch_delay_ms": args.max_batch_delay_ms,
@@ -367,8 +414,9 @@ def markdown(report):
         f"- Command: `{report['command']}`",
         f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
         f"torch {report['machine']['torch']}, intra-op threads {report['intra_op_threads']} on both sides",
+        f"- Device: {report['device']}" + (f" ({report['gpu']})" if report.get("gpu") else ""),
         f"- Model: {report['model']['backbone']} classifier at {report['model']['image_size']} px, "
-        "one 32x32 PNG per request as a raw body, top_k=5",
+        f"one {report['request_size']}x{report['request_size']} PNG per request as a raw body, top_k=5",
         f"- pretext: --max-batch-size {report['max_batch_size']} "
         f"--max-batch-delay-ms {report['max_batch_delay_ms']}; "
         f"mean merged batch over the run: {report['mean_batch_size']:.1f} images",
@@ -392,6 +440,27 @@ def markdown(report):
         if r[side]["non_2xx"] or r[side]["socket_errors"]
     ]
     lines += ["", "Errors: " + ("; ".join(errors) if errors else "none."), ""]
+    synthetic = report.get("synthetic_inference")
+    if synthetic:
+        rates = synthetic["images_per_second"]
+        best = max(report["runs"], key=lambda run: run["pretext"]["requests_per_s"])
+        lines += [
+            "## Against the GPU's own ceiling",
+            "",
+            f"Plain PyTorch on random inputs already on the GPU (`{synthetic['command']}`, "
+            "bf16 autocast, channels-last, no decoding, no copies, no HTTP): "
+            + ", ".join(f"batch {b}: {r:.0f} images/s" for b, r in sorted(rates.items(), key=lambda x: int(x[0])))
+            + ".",
+            "",
+        ]
+        batch_one = rates.get(1) or rates.get("1")
+        if batch_one:
+            lines += [
+                f"**pretext's best HTTP rate ({best['pretext']['requests_per_s']:.0f} classifications/s "
+                f"at concurrency {best['concurrency']}) is {best['pretext']['requests_per_s'] / batch_one:.1f}x "
+                "the batch-1 figure** (target: at least 10x).",
+                "",
+            ]
     return "\n".join(lines)
 
 
