@@ -20,7 +20,7 @@ use crate::db::connect_and_migrate;
 use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
-use crate::ml::device::{device_name, parse_device, parse_devices};
+use crate::ml::device::{device_name, enable_kernel_autotuning, parse_device, parse_devices};
 use crate::ml::inference::{InferenceExecutor, InferenceSettings};
 use crate::storage::Storage;
 
@@ -53,6 +53,7 @@ impl Application {
         } else {
             parse_device(&config.inference_device).map_err(anyhow::Error::msg)?
         };
+        enable_kernel_autotuning(&[inference_device]);
         let inference = InferenceExecutor::start(
             inference_device,
             InferenceSettings {
@@ -143,6 +144,7 @@ impl Workers {
         let storage = Storage::from_url(config.storage_url.as_deref(), &config.data_dir)?;
         let pool = connect_and_migrate(&config.database_url).await?;
         let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
+        enable_kernel_autotuning(&devices);
         let count = config.workers.unwrap_or(devices.len());
         let settings = WorkerSettings {
             lease: Duration::from_secs(config.lease_secs.max(1)),

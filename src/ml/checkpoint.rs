@@ -15,12 +15,13 @@ use tch::{nn::VarStore, Kind, Tensor};
 use super::training::{StopReason, TrainingContext, TrainingEvent};
 use crate::storage::{write_atomic, write_atomic_with};
 
-/// The variables of `vs` whose names pass `keep`, on the CPU.
+/// The variables of `vs` whose names pass `keep`, on the CPU in the
+/// standard (row-major) layout whatever their layout on the device.
 fn cpu_variables(vs: &VarStore, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
     vs.variables()
         .into_iter()
         .filter(|(name, _)| keep(name))
-        .map(|(name, t)| (name, t.to_device(tch::Device::Cpu)))
+        .map(|(name, t)| (name, t.to_device(tch::Device::Cpu).contiguous()))
         .collect()
 }
 
@@ -134,13 +135,21 @@ impl<'a> JobCheckpoint<'a> {
     }
 }
 
-/// When a training loop writes its checkpoint: at every epoch end but the
-/// last, every `interval`, and before stopping early.
+/// When a training loop writes its checkpoint: at the end of its first epoch,
+/// at later epoch ends but the last once [`EPOCH_CHECKPOINT_SPACING`] has
+/// passed since the previous one, every `interval`, and before stopping
+/// early.
 pub struct CheckpointSchedule<'a> {
     checkpoint: JobCheckpoint<'a>,
     interval: std::time::Duration,
     last: std::time::Instant,
+    written: bool,
 }
+
+/// The least time between two checkpoints written because an epoch ended:
+/// on a GPU a small dataset's epoch lasts a second or two, and writing the
+/// weights at each would take a fifth of the training time.
+pub const EPOCH_CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl<'a> CheckpointSchedule<'a> {
     /// A schedule for the checkpoint kept in `dir`.
@@ -149,6 +158,7 @@ impl<'a> CheckpointSchedule<'a> {
             checkpoint: JobCheckpoint::in_dir(dir),
             interval: std::time::Duration::from_secs(interval_secs.max(1) as u64),
             last: std::time::Instant::now(),
+            written: false,
         }
     }
 
@@ -172,10 +182,14 @@ impl<'a> CheckpointSchedule<'a> {
         if stop == Some(StopReason::Cancel) {
             return Ok(stop);
         }
-        if (epoch_end && done < total) || self.last.elapsed() >= self.interval || stop.is_some() {
+        let since_last = self.last.elapsed();
+        let epoch_due =
+            epoch_end && done < total && (!self.written || since_last >= EPOCH_CHECKPOINT_SPACING);
+        if epoch_due || since_last >= self.interval || stop.is_some() {
             self.checkpoint.save(vs, CheckpointState { step: done })?;
             ctx.emit(TrainingEvent::Checkpoint { step: done });
             self.last = std::time::Instant::now();
+            self.written = true;
         }
         Ok(stop)
     }

@@ -1,8 +1,9 @@
 //! Which devices the service trains and infers on, and how work is laid out
-//! on a GPU: bfloat16 mixed precision, channels-last inputs, asynchronous
-//! copies from pinned host memory. On the CPU all three leave work as it is.
+//! on a GPU: bfloat16 mixed precision, channels-last inputs and weights,
+//! cuDNN's kernel autotuning, asynchronous copies from pinned host memory.
+//! On the CPU all of them leave work as it is.
 
-use tch::{Device, Tensor};
+use tch::{nn::VarStore, Device, Tensor};
 
 /// Parses `auto`, `cpu`, `cuda:N` or a comma-separated list of them.
 pub fn parse_devices(spec: &str) -> Result<Vec<Device>, String> {
@@ -76,6 +77,39 @@ pub fn channels_last(xs: &Tensor) -> Tensor {
     }
 }
 
+/// Stores every 4-D variable of `vs` (the convolutions' weights)
+/// channels-last on a GPU, so that cuDNN runs whole networks in NHWC as
+/// their inputs are, without converting each weight at every pass; on the
+/// CPU, leaves them as they are. Call it before the optimizer's first step.
+pub fn channels_last_weights(vs: &VarStore) {
+    if vs.device().is_cuda() {
+        store_channels_last(vs);
+    }
+}
+
+/// Re-lays every 4-D variable of `vs` out channels-last in place: same
+/// values, same variable (the optimizer and the graph keep seeing it).
+fn store_channels_last(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (_, mut var) in vs.variables() {
+            if var.dim() == 4 {
+                let nhwc = var.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+                var.set_data(&nhwc);
+            }
+        }
+    });
+}
+
+/// Lets cuDNN time its candidate kernels for each new convolution shape and
+/// keep the fastest, when any of `devices` is a GPU. A training job's shapes
+/// never change, and the inference executor's batch sizes are bounded, so
+/// each shape is timed once.
+pub fn enable_kernel_autotuning(devices: &[Device]) {
+    if devices.iter().any(|d| d.is_cuda()) {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+}
+
 /// Copies a host tensor to `device` without waiting for the copy (the host
 /// memory should be pinned); on the CPU, the tensor itself.
 pub fn to_device_async(xs: &Tensor, device: Device) -> Tensor {
@@ -83,5 +117,45 @@ pub fn to_device_async(xs: &Tensor, device: Device) -> Tensor {
         xs.shallow_clone()
     } else {
         xs.to_device_(device, xs.kind(), true, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::{self, Module, OptimizerConfig};
+
+    #[test]
+    fn channels_last_weights_keep_their_values_train_and_save_in_the_standard_layout() {
+        let vs = VarStore::new(Device::Cpu);
+        let conv = nn::conv2d(vs.root() / "conv", 3, 8, 3, Default::default());
+        let xs = Tensor::randn([2, 3, 6, 6], (tch::Kind::Float, Device::Cpu));
+        let before = conv.forward(&xs);
+        let weight_before = conv.ws.copy();
+
+        store_channels_last(&vs);
+        let weight = &vs.variables()["conv.weight"];
+        // NHWC strides for [8, 3, 3, 3]: channels vary fastest.
+        assert_eq!(weight.stride(), vec![27, 1, 9, 3]);
+        assert!(weight.allclose(&weight_before, 0.0, 0.0, false));
+        assert!(conv.forward(&xs).allclose(&before, 1e-5, 1e-6, false));
+
+        let mut sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        sgd.backward_step(&conv.forward(&xs).square().mean(None));
+        let trained = conv.ws.copy();
+        assert!(
+            !trained.allclose(&weight_before, 1e-6, 1e-6, false),
+            "the step moved nothing"
+        );
+        assert_eq!(conv.ws.stride(), vec![27, 1, 9, 3]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        crate::ml::checkpoint::save_vars(&vs, &path, |_| true).unwrap();
+        let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(stored["conv.weight"].allclose(&trained, 0.0, 0.0, false));
     }
 }

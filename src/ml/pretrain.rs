@@ -13,6 +13,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
+use super::device::channels_last_weights;
 use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
 use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
@@ -68,6 +69,7 @@ pub fn run_pretrain(
     let root = vs.root();
     let trunk = config.backbone.build(&root, channels as i64);
     let task = PretextTask::build(&(&root / HEAD_PATH), config, config.backbone.feature_dim());
+    channels_last_weights(&vs);
     let mut optimizer = nn::AdamW {
         wd: config.weight_decay,
         ..Default::default()
