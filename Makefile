@@ -22,9 +22,9 @@ $(SETUP_STAMP):
 ## setup: install LibTorch (torch $(TORCH_VERSION) from PyPI) into $(VENV)
 setup: $(SETUP_STAMP)
 
-## bench-setup: the serving benchmark's reference server (FastAPI + uvicorn) in $(VENV)
+## bench-setup: the serving benchmark's reference server (FastAPI + uvicorn) and the label-efficiency plot (matplotlib) in $(VENV)
 bench-setup: setup
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check fastapi uvicorn python-multipart
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check fastapi uvicorn python-multipart matplotlib
 
 ## build: compile the release binary
 build: setup

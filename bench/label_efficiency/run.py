@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
-"""Label efficiency of jigsaw pretraining on Fashion-MNIST.
+"""Label efficiency of the four pretext tasks on Fashion-MNIST.
 
 Drives a running pretext server through its HTTP API only:
 
-1. reads Fashion-MNIST from its IDX files;
-2. uploads an unlabelled pool (the first N train images) and, for each budget
-   K, a labelled dataset of K train images per class (seeded, nested budgets);
-3. pretrains a jigsaw encoder on the unlabelled pool;
-4. for each budget fine-tunes twice with the same settings: from the encoder
-   and from scratch (same backbone and image size);
-5. classifies the test set with every classifier and computes accuracy;
-6. writes a Markdown report and the raw numbers as JSON.
+1. reads Fashion-MNIST from its IDX files (`PRETEXT_FASHION_MNIST_DIR`,
+   default /usr/share/datasets/fashion-mnist);
+2. uploads an unlabelled pool (the first N train images), the labelled train
+   set and the test set (class folders), and for each budget K a labelled
+   subset of K train images per class (seeded; a smaller budget is a subset of
+   a larger one);
+3. for each pretext task: pretrains an encoder on the pool, then submits an
+   `evaluate` job of protocol `label_efficiency` (fine-tuning from the encoder
+   and from scratch at every budget, tested on the test set) and `knn`
+   evaluate jobs on every budget's subset and on the whole labelled set, and
+   waits for them;
+4. after each task rewrites the results: the raw numbers as JSON, a Markdown
+   table and a plot of accuracy against labels per class.
 
-Standard library only.
+Standard library only, apart from matplotlib for the plot (skipped, with a
+message, when it does not import).
 """
 
 import argparse
@@ -32,11 +38,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 import zlib
 
-DATASET_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_DATASET_DIR = "/usr/share/datasets/fashion-mnist"
+DATASET_DIR = os.environ.get("PRETEXT_FASHION_MNIST_DIR") or DEFAULT_DATASET_DIR
 DATASET_PACKAGE = "dataset-fashion-mnist"
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -57,10 +63,42 @@ CLASSES = [
     "Bag",
     "Ankle_boot",
 ]
-CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
-DEFAULT_PRETRAIN = '{"backbone":"resnet18_small","image_size":32,"epochs":5,"batch_size":128}'
-DEFAULT_FINETUNE = '{"epochs":30,"batch_size":64,"val_fraction":0.0}'
-CLASSIFY_BATCH = 256
+TASKS = ["jigsaw", "rotation", "simclr", "relative_position"]
+# Pretrain config of each task: ResNet-18 small at 32 px (Fashion-MNIST is
+# 28x28) and the task's documented defaults, written out so the results show
+# them. `--pretrain-config` is merged over these, `--epochs` over that.
+_COMMON_PRETRAIN = {
+    "backbone": "resnet18_small",
+    "image_size": 32,
+    "epochs": 10,
+    "batch_size": 64,
+    "learning_rate": 0.001,
+    "weight_decay": 0.0001,
+}
+DEFAULT_PRETRAIN_BY_TASK = {
+    "jigsaw": {
+        "pretext": "jigsaw", **_COMMON_PRETRAIN,
+        "grid": 3, "num_permutations": 100, "permutation_seed": 1,
+        "grayscale_probability": 0.3, "channel_jitter": 0.1,
+    },
+    "rotation": {"pretext": "rotation", **_COMMON_PRETRAIN},
+    "simclr": {
+        "pretext": "simclr", **_COMMON_PRETRAIN, "batch_size": 128,
+        "temperature": 0.5, "projection_dim": 128, "min_crop_scale": 0.2, "color_jitter": 0.4,
+    },
+    "relative_position": {
+        "pretext": "relative_position", **_COMMON_PRETRAIN,
+        "grayscale_probability": 0.3, "channel_jitter": 0.1,
+    },
+}
+# Fine-tuning settings of the label-efficiency jobs; `--finetune-config` is
+# merged over them and may only name these fields of an evaluate config.
+DEFAULT_FINETUNE = {"epochs": 30, "batch_size": 64, "learning_rate": 0.001}
+FINETUNE_FIELDS = (
+    "epochs", "batch_size", "learning_rate", "trunk_lr_scale", "weight_decay", "seed",
+)
+# kNN accuracy of raw pixels on Fashion-MNIST, quoted as given (not measured here).
+RAW_PIXEL_KNN_REFERENCE = {"10": 0.673, "100": 0.764, "all": 0.861}
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,10 +117,17 @@ def die(message):
 
 
 def ensure_dataset():
-    """Makes sure the IDX files exist, installing the package if we can."""
+    """Makes sure the IDX files exist in DATASET_DIR. In the default folder
+    the Debian package is installed when we are root; a folder given by
+    PRETEXT_FASHION_MNIST_DIR must hold them already."""
     missing = [f for f in FILES.values() if not os.path.isfile(os.path.join(DATASET_DIR, f))]
     if not missing:
         return
+    if DATASET_DIR != DEFAULT_DATASET_DIR:
+        die(
+            f"PRETEXT_FASHION_MNIST_DIR={DATASET_DIR} lacks {', '.join(missing)}; "
+            f"put the gzipped IDX files there, or unset it to use {DEFAULT_DATASET_DIR}"
+        )
     log(
         f"Fashion-MNIST is missing from {DATASET_DIR} ({', '.join(missing)}); "
         f"`apt-get install {DATASET_PACKAGE}` provides it."
@@ -102,6 +147,7 @@ def ensure_dataset():
 
 
 def read_idx_images(path):
+    """A gzipped IDX image file -> (list of row-major pixel bytes, rows, cols)."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     magic, count, rows, cols = struct.unpack(">IIII", data[:16])
@@ -115,6 +161,7 @@ def read_idx_images(path):
 
 
 def read_idx_labels(path):
+    """A gzipped IDX label file -> list of class indices."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     magic, count = struct.unpack(">II", data[:8])
@@ -156,6 +203,13 @@ def build_zip(entries):
     return buf.getvalue()
 
 
+def class_folder_zip(pngs, labels, indices, prefix):
+    """A labelled archive: image i as `<class>/<prefix>_<i>.png`."""
+    return build_zip(
+        (f"{CLASSES[labels[i]]}/{prefix}_{i:05d}.png", pngs[i]) for i in indices
+    )
+
+
 def labelled_budgets(labels, budgets, seed):
     """For each K, K train indices per class. One seeded shuffle per class,
     so a smaller budget is a subset of a larger one."""
@@ -182,6 +236,8 @@ def labelled_budgets(labels, budgets, seed):
 
 
 class ApiError(Exception):
+    """An HTTP error answer, with the problem+json details when there are any."""
+
     def __init__(self, method, url, status, body, headers=None):
         self.status = status
         self.body = body
@@ -190,16 +246,17 @@ class ApiError(Exception):
         try:
             problem = json.loads(body)
             detail = f"{problem.get('title')}: {problem.get('detail')}"
-            if problem.get("errors"):
-                detail += " " + "; ".join(
-                    f"{e.get('field')}: {e.get('message')}" for e in problem["errors"]
-                )
+            errors = [f"{e.get('field')}: {e.get('message')}" for e in problem.get("errors") or []]
+            if errors and "; ".join(errors) not in detail:
+                detail += " " + "; ".join(errors)
         except (ValueError, AttributeError):
             pass
         super().__init__(f"{method} {url} -> {status}: {detail}")
 
 
 class Client:
+    """JSON over HTTP with the API key; retries 503 answers after Retry-After."""
+
     def __init__(self, base_url, api_key=None, timeout=600):
         self.base = base_url.rstrip("/")
         self.api_key = api_key
@@ -240,22 +297,6 @@ class Client:
         return self.request("POST", path, json.dumps(obj).encode(), "application/json")
 
 
-def multipart(files):
-    """files: (filename, bytes, content type). Returns (body, content type)."""
-    boundary = "----pretext-bench-" + uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, data, ctype in files:
-        out.write(f"--{boundary}\r\n".encode())
-        out.write(
-            f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'.encode()
-        )
-        out.write(f"Content-Type: {ctype}\r\n\r\n".encode())
-        out.write(data)
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 # --------------------------------------------------------------------------
 # Jobs
 
@@ -284,6 +325,7 @@ def parse_time(text):
 
 
 def wall_seconds(job):
+    """A job's `finished_at - started_at` in seconds, or None."""
     start, end = parse_time(job.get("started_at")), parse_time(job.get("finished_at"))
     if start is None or end is None:
         return None
@@ -299,6 +341,7 @@ def fmt_metric(value):
 
 
 def job_line(label, job):
+    """One progress line: state, epoch, step, latest metrics, attempts."""
     p = job.get("progress") or {}
     metrics = job.get("latest_metrics") or {}
     parts = [
@@ -313,81 +356,274 @@ def job_line(label, job):
     return " ".join(parts)
 
 
-class Jobs:
-    """Creates jobs and waits for them; cancels what is left on failure."""
+class Job:
+    """One job of the benchmark: the request, the server's latest view of the
+    job, its evaluation report, and the client-side times."""
 
-    def __init__(self, client, poll_interval):
+    def __init__(self, label, request):
+        self.label = label
+        self.request = request
+        self.id = None
+        self.state = "not submitted"
+        self.error = None
+        self.server = {}
+        self.report = None
+        self.submitted_at = None
+        self.running_since = None
+        self.ended_at = None
+        self.last_line = None
+
+    @property
+    def ended(self):
+        return self.ended_at is not None
+
+    @property
+    def succeeded(self):
+        return self.state == "succeeded"
+
+    def end(self, state, error=None):
+        self.state = state
+        self.error = error
+        self.ended_at = time.monotonic()
+
+    def summary(self, key):
+        """A number of the report's summary (e.g. knn_accuracy), or None."""
+        return ((self.report or {}).get("summary") or {}).get(key)
+
+    def record(self):
+        """The JSON form: ids, state and error, configs as sent and as
+        resolved, times, metrics and report."""
+        client_seconds = None
+        if self.submitted_at is not None and self.ended_at is not None:
+            client_seconds = round(self.ended_at - self.submitted_at, 3)
+        return {
+            "label": self.label,
+            "kind": self.request["kind"],
+            "id": self.id,
+            "state": self.state,
+            "error": self.error,
+            "dataset_id": self.request.get("dataset_id"),
+            "base_model_id": self.request.get("base_model_id"),
+            "model_id": self.server.get("model_id"),
+            "device": self.server.get("device"),
+            "attempts": self.server.get("attempts"),
+            "started_at": self.server.get("started_at"),
+            "finished_at": self.server.get("finished_at"),
+            "wall_seconds": wall_seconds(self.server),
+            "client_seconds": client_seconds,
+            "config_sent": self.request.get("config"),
+            "config": self.server.get("config"),
+            "metrics": self.server.get("latest_metrics") or {},
+            "report": self.report,
+        }
+
+
+class Jobs:
+    """Submits jobs and waits for them. A refused, failed or timed-out job is
+    recorded on its Job; nothing here stops the benchmark."""
+
+    def __init__(self, client, poll_interval, job_timeout):
         self.client = client
         self.poll_interval = poll_interval
-        self.created = []
+        self.job_timeout = job_timeout
+        self.submitted = []
 
-    def create(self, request):
-        job = self.client.post_json("/v1/jobs", request)
-        self.created.append(job["id"])
+    def submit(self, job):
+        job.submitted_at = time.monotonic()
+        try:
+            created = self.client.post_json("/v1/jobs", job.request)
+        except ApiError as e:
+            job.end("rejected", str(e))
+            log(f"[{job.label}] rejected: {e}")
+            return job
+        job.id, job.server, job.state = created["id"], created, created["state"]
+        self.submitted.append(job)
+        log(f"[{job.label}] job {job.id} {job.state}")
         return job
 
-    def wait(self, label, job_id):
-        while True:
-            job = self.client.get(f"/v1/jobs/{job_id}")
-            log(job_line(label, job))
-            state = job["state"]
-            if state == "succeeded":
-                return job
-            if state in ("failed", "cancelled"):
-                die(f"job {label} ({job_id}) {state}: {job.get('error')}")
-            time.sleep(self.poll_interval)
+    def wait(self, jobs):
+        """Polls until every job has ended; a job running longer than the
+        timeout is cancelled."""
+        pending = [j for j in jobs if not j.ended]
+        while pending:
+            for job in pending:
+                self.poll(job)
+            pending = [j for j in pending if not j.ended]
+            if pending:
+                time.sleep(self.poll_interval)
+
+    def poll(self, job):
+        try:
+            server = self.client.get(f"/v1/jobs/{job.id}")
+        except ApiError as e:
+            job.end("unknown", f"could not read the job: {e}")
+            return
+        job.server, job.state = server, server["state"]
+        line = job_line(job.label, server)
+        if line != job.last_line:
+            log(line)
+            job.last_line = line
+        if job.state == "running" and job.running_since is None:
+            job.running_since = time.monotonic()
+        if job.state == "succeeded":
+            if job.request["kind"] == "evaluate":
+                try:
+                    job.report = self.client.get(f"/v1/jobs/{job.id}/report")
+                except ApiError as e:
+                    job.end("succeeded", f"no report: {e}")
+                    return
+            job.end("succeeded")
+        elif job.state in TERMINAL_STATES:
+            job.end(job.state, server.get("error") or job.state)
+        elif (
+            self.job_timeout is not None
+            and job.running_since is not None
+            and time.monotonic() - job.running_since > self.job_timeout
+        ):
+            self.cancel(job)
+            job.end("cancelled", f"not finished {self.job_timeout:g} s after it started "
+                                 f"running (--job-timeout)")
+            log(f"[{job.label}] {job.error}")
+
+    def cancel(self, job):
+        try:
+            self.client.request("POST", f"/v1/jobs/{job.id}/cancel")
+        except ApiError as e:
+            log(f"could not cancel job {job.id}: {e}")
 
     def cancel_unfinished(self):
-        for job_id in self.created:
-            try:
-                job = self.client.get(f"/v1/jobs/{job_id}")
-                if job["state"] not in TERMINAL_STATES:
-                    self.client.request("POST", f"/v1/jobs/{job_id}/cancel")
-                    log(f"cancelled job {job_id}")
-            except (ApiError, SystemExit) as e:
-                log(f"could not cancel job {job_id}: {e}")
+        for job in self.submitted:
+            if not job.ended:
+                self.cancel(job)
+                job.end("cancelled", "the benchmark was interrupted")
+                log(f"cancelled job {job.id} ({job.label})")
 
 
 # --------------------------------------------------------------------------
-# Evaluation
+# One pretext task
 
 
-def classify_accuracy(client, model_id, test_pngs, test_labels, label):
-    correct = 0
-    per_class_total = [0] * len(CLASSES)
-    per_class_correct = [0] * len(CLASSES)
-    n = len(test_pngs)
-    started = time.time()
-    for start in range(0, n, CLASSIFY_BATCH):
-        batch = test_pngs[start:start + CLASSIFY_BATCH]
-        body, ctype = multipart(
-            [(f"test_{start + i:05d}.png", png, "image/png") for i, png in enumerate(batch)]
-        )
-        resp = client.request("POST", f"/v1/models/{model_id}/classify?top_k=1", body, ctype)
-        predictions = resp["predictions"]
-        if len(predictions) != len(batch):
-            die(f"classify returned {len(predictions)} predictions for {len(batch)} images")
-        for i, pred in enumerate(predictions):
-            truth = test_labels[start + i]
-            per_class_total[truth] += 1
-            guess = CLASS_INDEX.get(pred[0]["label"]) if pred else None
-            if guess == truth:
-                correct += 1
-                per_class_correct[truth] += 1
-    accuracy = correct / n if n else 0.0
-    log(
-        f"[{label}] test accuracy {accuracy:.4f} ({correct}/{n}) "
-        f"in {time.time() - started:.1f} s"
-    )
-    per_class = {
-        CLASSES[c]: (per_class_correct[c] / per_class_total[c] if per_class_total[c] else None)
-        for c in range(len(CLASSES))
-    }
-    return accuracy, correct, per_class
+class TaskRun:
+    """A pretext task's jobs (pretrain, label efficiency, kNN per budget and
+    on all labels) and the accuracies read from them."""
+
+    def __init__(self, task):
+        self.task = task
+        self.status = "not started"
+        self.note = None
+        self.pretrain = None
+        self.label_efficiency = None
+        self.knn = {}
+        self.wall_seconds = None
+
+    def jobs(self):
+        return [j for j in (self.pretrain, self.label_efficiency, *self.knn.values()) if j]
+
+    def rows(self, plan):
+        """One row per budget of the plan: scratch, pretrained, gain, kNN."""
+        le_rows = ((self.label_efficiency and self.label_efficiency.report) or {}).get("rows") or []
+        rows = []
+        for i, budget in enumerate(plan):
+            row = dict(budget)
+            measured = le_rows[i] if i < len(le_rows) else {}
+            row["labels"] = measured.get("labels")
+            row["scratch_accuracy"] = measured.get("scratch_accuracy")
+            row["pretrained_accuracy"] = measured.get("pretrained_accuracy")
+            gain = measured.get("gain")
+            row["gain_points"] = 100 * gain if gain is not None else None
+            if "labels_per_class" in budget:
+                knn = self.knn.get(str(budget["labels_per_class"]))
+                row["knn_accuracy"] = knn.summary("knn_accuracy") if knn else None
+            rows.append(row)
+        return rows
+
+    def knn_all_accuracy(self):
+        knn = self.knn.get("all")
+        return knn.summary("knn_accuracy") if knn else None
+
+    def record(self, plan):
+        return {
+            "task": self.task,
+            "status": self.status,
+            "note": self.note,
+            "wall_seconds": self.wall_seconds,
+            "budgets": self.rows(plan),
+            "knn_all_accuracy": self.knn_all_accuracy(),
+            "jobs": {
+                "pretrain": self.pretrain.record() if self.pretrain else None,
+                "label_efficiency": (
+                    self.label_efficiency.record() if self.label_efficiency else None
+                ),
+                "knn": {key: job.record() for key, job in self.knn.items()},
+            },
+        }
+
+
+def run_task(run, args, jobs, datasets):
+    """Pretrains the task's encoder, then submits its evaluate jobs together
+    and waits for them all."""
+    started = time.monotonic()
+    run.status = "running"
+    config = pretrain_config(args, run.task)
+    run.pretrain = jobs.submit(Job(
+        f"{run.task} pretrain",
+        {"kind": "pretrain", "dataset_id": datasets["unlabelled"]["id"], "config": config},
+    ))
+    jobs.wait([run.pretrain])
+    if run.pretrain.succeeded:
+        encoder = run.pretrain.server["model_id"]
+        test_id = datasets["test"]["id"]
+        le_config = {
+            "protocol": "label_efficiency",
+            "test_dataset_id": test_id,
+            "labels_per_class": args.budgets,
+            "label_fractions": args.label_fractions,
+            **args.finetune_config,
+        }
+        run.label_efficiency = Job(f"{run.task} label efficiency", {
+            "kind": "evaluate", "dataset_id": datasets["labelled"]["id"],
+            "base_model_id": encoder, "config": le_config,
+        })
+        knn_config = {"protocol": "knn", "test_dataset_id": test_id, "k": args.knn_k}
+        knn_sets = [(str(k), datasets["budgets"][str(k)]) for k in args.budgets]
+        if args.knn_all:
+            knn_sets.append(("all", datasets["labelled"]))
+        for key, dataset in knn_sets:
+            per = f"K={key}" if key != "all" else "all labels"
+            run.knn[key] = Job(f"{run.task} knn {per}", {
+                "kind": "evaluate", "dataset_id": dataset["id"],
+                "base_model_id": encoder, "config": knn_config,
+            })
+        evaluations = [run.label_efficiency, *run.knn.values()]
+        for job in evaluations:
+            jobs.submit(job)
+        jobs.wait(evaluations)
+    clean = all(j.succeeded and not j.error for j in run.jobs())
+    run.status = "succeeded" if clean else "failed"
+    if not run.pretrain.succeeded:
+        run.note = "pretraining did not succeed, so nothing was evaluated"
+    run.wall_seconds = round(time.monotonic() - started, 3)
+    log(f"[{run.task}] {run.status} in {run.wall_seconds:.1f} s")
+
+
+def pretrain_config(args, task):
+    """The task's defaults, then --pretrain-config, then --epochs."""
+    config = {**DEFAULT_PRETRAIN_BY_TASK[task], **args.pretrain_config}
+    if args.epochs is not None:
+        config["epochs"] = args.epochs
+    return config
+
+
+def budget_plan(args):
+    """The label-efficiency budgets in the order the service reports them:
+    labels per class, then fractions of the labelled set."""
+    plan = [{"budget": f"{k} per class", "labels_per_class": k} for k in args.budgets]
+    plan += [{"budget": f"{100 * f:g}%", "label_fraction": f} for f in args.label_fractions]
+    return plan
 
 
 # --------------------------------------------------------------------------
-# Report
+# Results
 
 
 def nproc():
@@ -397,147 +633,348 @@ def nproc():
         return os.cpu_count()
 
 
-def write_report(out_dir, report):
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "label_efficiency.json")
-    md_path = os.path.join(out_dir, "label_efficiency.md")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=False)
+def pct(x):
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def fmt_points(x):
+    return "–" if x is None else f"{x:+.2f}"
+
+
+def write_results(args, state, runs, pyplot, started):
+    """(Re)writes <out>/<name>.json, .md and .png from what is measured so far."""
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, args.name)
+    plan = budget_plan(args)
+    record = {
+        **state,
+        "devices": sorted({j.server.get("device") for r in runs for j in r.jobs()} - {None}),
+        "script_wall_seconds": round(time.monotonic() - started, 3),
+        "tasks": [r.record(plan) for r in runs],
+    }
+    with open(base + ".json", "w") as f:
+        json.dump(record, f, indent=2)
         f.write("\n")
+    png = write_plot(base + ".png", args, runs, plan, pyplot)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(args, record, runs, plan, png))
+    return [base + ".json", base + ".md"] + ([png] if png else [])
 
-    def pct(x):
-        return f"{100 * x:.2f} %"
 
+def markdown(args, record, runs, plan, png):
+    """The report: accuracy table, reference figures, failures, run details,
+    configs and jobs."""
+    data = record["data"]
+    cols = ["pretext task"]
+    for b in plan:
+        name = b["budget"]
+        cols += [f"{name}: scratch", f"{name}: pretrained", f"{name}: gain (points)"]
+        if "labels_per_class" in b:
+            cols.append(f"{name}: kNN")
+    if args.knn_all:
+        cols.append("all labels: kNN")
     lines = [
-        "# Label efficiency of jigsaw pretraining on Fashion-MNIST",
+        "# Label efficiency of the pretext tasks on Fashion-MNIST",
         "",
-        f"Test accuracy on {report['test_images']} Fashion-MNIST test images of classifiers "
-        f"fine-tuned on K labelled train images per class, from scratch and from an encoder "
-        f"pretrained with the jigsaw task on {report['unlabelled_images']} unlabelled train "
-        f"images. Both runs of a budget use the same fine-tuning settings.",
+        f"Every task pretrains an encoder on {data['unlabelled_images']} unlabelled "
+        f"Fashion-MNIST train images. An `evaluate` job of protocol `label_efficiency` then "
+        f"fine-tunes, at every budget, one classifier from the encoder (pretrained) and one "
+        f"from scratch with the same backbone, input size, labels, seed and settings, on a "
+        f"subset of the {data['labelled_images']} labelled train images drawn by the service; "
+        f"gain is pretrained minus scratch, in points. kNN is the weighted "
+        f"{args.knn_k}-nearest-neighbour accuracy (cosine) of the frozen encoder, its "
+        f"neighbours taken among the K-per-class subset uploaded by this script (seed "
+        f"{args.seed}), or among all labelled train images. Every accuracy is measured on the "
+        f"same {data['test_images']} test images.",
         "",
-        "| labels per class | scratch accuracy | pretrained accuracy | gain (points) |",
-        "|---:|---:|---:|---:|",
+        "| " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * (len(cols) - 1),
     ]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['labels_per_class']} | {pct(r['scratch_accuracy'])} | "
-            f"{pct(r['pretrained_accuracy'])} | {r['gain_points']:+.2f} |"
-        )
-    pre = report["pretrain"]
+    for run in runs:
+        cells = [run.task]
+        for row in run.rows(plan):
+            cells += [pct(row["scratch_accuracy"]), pct(row["pretrained_accuracy"]),
+                      fmt_points(row["gain_points"])]
+            if "labels_per_class" in row:
+                cells.append(pct(row["knn_accuracy"]))
+        if args.knn_all:
+            cells.append(pct(run.knn_all_accuracy()))
+        lines.append("| " + " | ".join(cells) + " |")
+    reference = ["raw pixels (reference, quoted)"]
+    for b in plan:
+        reference += ["", "", ""]
+        if "labels_per_class" in b:
+            quoted = RAW_PIXEL_KNN_REFERENCE.get(str(b["labels_per_class"]))
+            reference.append(f"{100 * quoted:.1f} %" if quoted is not None else "")
+    if args.knn_all:
+        reference.append(f"{100 * RAW_PIXEL_KNN_REFERENCE['all']:.1f} %")
+    lines.append("| " + " | ".join(reference) + " |")
     lines += [
         "",
+        "Reference, quoted as given and not measured by this run: kNN on raw pixels reaches "
+        "67.3 % with 10 labels per class, 76.4 % with 100 and 86.1 % with all labels.",
+        "",
+    ]
+    problems = [job for run in runs for job in run.jobs() if not job.succeeded or job.error]
+    not_run = [run for run in runs if run.status == "not started" or run.note]
+    if problems or not_run:
+        lines += ["Not measured:", ""]
+        lines += [f"- {run.task}: {run.note or run.status}" for run in not_run]
+        lines += [f"- {job.label}: {job.state}: {job.error}" for job in problems]
+        lines.append("")
+    if png:
+        lines += [f"![accuracy against labels per class]({os.path.basename(png)})", ""]
+    server = record["server"]
+    devices = ", ".join(record["devices"]) or "none reported by the jobs"
+    lines += [
         "## Run",
         "",
-        f"- Command: `{report['command']}`",
-        f"- Server: {report['server_url']}",
-        f"- Date: {report['date']}",
-        f"- Client machine: `uname -m` = {report['machine']}, nproc = {report['nproc']}",
-        f"- Training device(s): {', '.join(report['devices']) or 'unknown'}",
-        f"- Seed for the labelled subsets: {report['seed']}",
-        f"- Total wall time of the script: {report['script_wall_seconds']:.1f} s",
+        f"- Command: `{record['command']}`",
+        f"- Date: {record['date']}",
+        f"- Status: {record['status']}",
+        f"- Client machine: `uname -m` = {record['machine']}, nproc = {record['nproc']}",
+        f"- Server: {server['url']}, {server['workers']} training worker(s); "
+        f"devices of its jobs (`GET /v1/jobs/{{id}}`): {devices}",
+    ]
+    if args.device_note:
+        lines.append(f"- Device note: {args.device_note}")
+    if args.deadline_seconds is not None:
+        lines.append(f"- Deadline: no task started after {args.deadline_seconds:g} s")
+    lines += [
+        f"- Total wall time of the script: {record['script_wall_seconds']:.1f} s",
         "",
         "## Configs",
         "",
-        "Pretrain (as sent, then as resolved by the server):",
+        "Pretrain jobs, as sent, then as resolved by the server:",
         "",
         "```json",
-        json.dumps(report["pretrain_config"]),
-        json.dumps(pre["config"]),
-        "```",
-        "",
-        "Fine-tune (as sent; the scratch runs also get the pretrain backbone and image_size):",
-        "",
-        "```json",
-        json.dumps(report["finetune_config"]),
-        "```",
-        "",
-        "Fine-tune as resolved by the server (scratch, then pretrained):",
-        "",
-        "```json",
-        json.dumps(report["results"][0]["scratch_job"]["config"]),
-        json.dumps(report["results"][0]["pretrained_job"]["config"]),
-        "```",
-        "",
+    ]
+    for run in runs:
+        if run.pretrain:
+            lines.append(json.dumps(run.pretrain.request["config"]))
+            if run.pretrain.server.get("config"):
+                lines.append(json.dumps(run.pretrain.server["config"]))
+    lines += ["```", ""]
+    evaluated = next((run for run in runs if run.label_efficiency), None)
+    if evaluated:
+        lines += [
+            f"Evaluate jobs of {evaluated.task} (those of the other tasks differ only in "
+            f"`base_model_id`): label efficiency as sent and as resolved, then kNN as sent:",
+            "",
+            "```json",
+            json.dumps(evaluated.label_efficiency.request["config"]),
+        ]
+        if evaluated.label_efficiency.server.get("config"):
+            lines.append(json.dumps(evaluated.label_efficiency.server["config"]))
+        lines += [json.dumps(job.request["config"]) for job in list(evaluated.knn.values())[:1]]
+        lines += ["```", ""]
+    lines += [
         "## Jobs",
         "",
         "Wall time is the job's `finished_at - started_at`.",
         "",
-        "| job | kind | labels per class | init | job id | device | wall time (s) | final metrics |",
-        "|---|---|---:|---|---|---|---:|---|",
+        "| job | state | job id | device | wall time (s) | result |",
+        "|---|---|---|---|---:|---|",
     ]
-    jobs = [pre] + [j for r in report["results"] for j in (r["scratch_job"], r["pretrained_job"])]
-    for j in jobs:
-        wall = f"{j['wall_seconds']:.1f}" if j["wall_seconds"] is not None else "?"
-        metrics = ", ".join(f"{k}={fmt_metric(v)}" for k, v in sorted(j["metrics"].items()))
-        lines.append(
-            f"| {j['label']} | {j['kind']} | {j.get('labels_per_class') or ''} | "
-            f"{j.get('init') or ''} | `{j['id']}` | {j['device'] or '?'} | {wall} | {metrics} |"
-        )
+    for run in runs:
+        for job in run.jobs():
+            wall = wall_seconds(job.server)
+            summary = (job.report or {}).get("summary") or {}
+            if job.request["kind"] == "pretrain":
+                summary = {k: v for k, v in (job.server.get("latest_metrics") or {}).items()
+                           if k in ("pretext_accuracy", "pretext_loss", "chance_accuracy")}
+            result = ", ".join(f"{k}={fmt_metric(v)}" for k, v in sorted(summary.items()))
+            if job.error:
+                result = (result + "; " if result else "") + job.error.replace("|", "\\|")
+            lines.append(
+                f"| {job.label} | {job.state} | `{job.id or '–'}` | "
+                f"{job.server.get('device') or '–'} | "
+                f"{f'{wall:.1f}' if wall is not None else '–'} | {result} |"
+            )
     lines.append("")
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
-    return md_path, json_path
+    return "\n".join(lines)
+
+
+def load_pyplot():
+    """matplotlib's pyplot on the Agg backend, or None with a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+    except ImportError as e:
+        log(f"matplotlib does not import ({e}); the plot will be skipped. "
+            f"`make bench-setup` installs it into .venv (run the script with .venv/bin/python), "
+            f"or `pip install matplotlib`.")
+        return None
+    return pyplot
+
+
+def write_plot(path, args, runs, plan, pyplot):
+    """Test accuracy against labels per class (log x): one solid line per
+    task from its encoder, one dashed line from scratch (the mean of the
+    tasks' scratch runs). Returns the path, or None when nothing was drawn."""
+    if pyplot is None:
+        return None
+    lines, scratch = [], {}
+    for run in runs:
+        measured = []
+        for row in run.rows(plan):
+            if row["labels"] is None or row["pretrained_accuracy"] is None:
+                continue
+            x = row["labels"] / len(CLASSES)
+            measured.append((x, 100 * row["pretrained_accuracy"]))
+            scratch.setdefault(x, []).append(100 * row["scratch_accuracy"])
+        if measured:
+            lines.append((run.task, sorted(measured)))
+    if not lines:
+        return None
+    fig, ax = pyplot.subplots(figsize=(7, 4.5))
+    for task, task_points in lines:
+        ax.plot([p[0] for p in task_points], [p[1] for p in task_points], "-o",
+                label=f"{task} (pretrained)")
+    xs = sorted(scratch)
+    ax.plot(xs, [sum(scratch[x]) / len(scratch[x]) for x in xs], "--s", color="black",
+            label="from scratch" + (" (mean of the tasks' runs)" if len(lines) > 1 else ""))
+    ax.set_xscale("log")
+    ticks = []
+    for x in xs:
+        if not ticks or x > 1.25 * ticks[-1]:
+            ticks.append(x)
+    ax.xaxis.set_major_locator(pyplot.FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(pyplot.NullLocator())
+    ax.set_xticklabels([f"{x:.3g}" for x in ticks])
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST: fine-tuning from each pretext task's encoder")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    pyplot.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------
+# Command line
+
+
+def parse_list(ap, text, kind, option):
+    try:
+        return sorted({kind(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"{option} takes a comma-separated list of {kind.__name__}s")
 
 
 def parse_args():
     ap = argparse.ArgumentParser(
-        description="Measure how many labels jigsaw pretraining saves on Fashion-MNIST."
+        description="Measure how many labels each pretext task saves on Fashion-MNIST."
     )
     ap.add_argument("--url", default="http://127.0.0.1:8080", help="pretext server URL")
     ap.add_argument("--api-key", default=os.environ.get("PRETEXT_API_KEY"),
                     help="API key (default: $PRETEXT_API_KEY)")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help="comma-separated pretext tasks, run in this order "
+                         f"(default {','.join(TASKS)})")
     ap.add_argument("--unlabelled", type=int, default=20000,
                     help="first N train images form the unlabelled pool (default 20000)")
+    ap.add_argument("--labelled-limit", type=int, default=60000,
+                    help="first N train images form the labelled train set (default all 60000)")
     ap.add_argument("--labels-per-class", default="10,100",
                     help="comma-separated label budgets K per class (default 10,100)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the labelled subsets")
-    ap.add_argument("--pretrain-config", default=DEFAULT_PRETRAIN, help="pretrain config JSON")
-    ap.add_argument("--finetune-config", default=DEFAULT_FINETUNE, help="finetune config JSON")
+    ap.add_argument("--label-fractions", default="",
+                    help="comma-separated fractions of the labelled set, also fine-tuned by "
+                         "the label-efficiency job (default none)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the uploaded K-per-class subsets and of the label-efficiency "
+                         "jobs unless --finetune-config sets one (default 0)")
+    ap.add_argument("--pretrain-config", default="{}",
+                    help="JSON merged over every task's default pretrain config")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="pretraining epochs of every task (overrides the configs)")
+    ap.add_argument("--finetune-config", default="{}",
+                    help=f"JSON merged over the label-efficiency settings "
+                         f"{json.dumps(DEFAULT_FINETUNE)}; fields: {', '.join(FINETUNE_FIELDS)}")
+    ap.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN jobs (default 20)")
+    ap.add_argument("--no-knn-all", dest="knn_all", action="store_false",
+                    help="skip the kNN job on the whole labelled train set")
     ap.add_argument("--test-limit", type=int, default=None,
                     help="use only the first N test images (default all 10000)")
+    ap.add_argument("--deadline-seconds", type=float, default=None,
+                    help="start no new task after this many seconds of wall time")
+    ap.add_argument("--job-timeout", type=float, default=None,
+                    help="cancel a job still unfinished this many seconds after it started "
+                         "running (default none)")
+    ap.add_argument("--device-note", default=None,
+                    help="a note on the server's hardware for the report (e.g. the GPU model)")
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"),
                     help="output folder (default bench/results in the repository)")
+    ap.add_argument("--name", default="label_efficiency",
+                    help="file name of the results, without extension (default label_efficiency)")
     ap.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
     args = ap.parse_args()
-    try:
-        args.budgets = sorted({int(x) for x in args.labels_per_class.split(",") if x.strip()})
-    except ValueError:
-        ap.error("--labels-per-class takes comma-separated integers, e.g. 10,100")
+
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown or not args.tasks:
+        ap.error(f"--tasks takes some of {', '.join(TASKS)} (got {', '.join(unknown) or 'none'})")
+    args.tasks = list(dict.fromkeys(args.tasks))
+    args.budgets = parse_list(ap, args.labels_per_class, int, "--labels-per-class")
     if not args.budgets or min(args.budgets) < 1:
         ap.error("--labels-per-class needs at least one positive integer")
+    args.label_fractions = parse_list(ap, args.label_fractions, float, "--label-fractions")
+    if any(not 0 < f <= 1 for f in args.label_fractions):
+        ap.error("--label-fractions must lie in (0, 1]")
     for name in ("pretrain_config", "finetune_config"):
+        option = "--" + name.replace("_", "-")
         try:
             value = json.loads(getattr(args, name))
         except ValueError as e:
-            ap.error(f"--{name.replace('_', '-')} is not valid JSON: {e}")
+            ap.error(f"{option} is not valid JSON: {e}")
         if not isinstance(value, dict):
-            ap.error(f"--{name.replace('_', '-')} must be a JSON object")
+            ap.error(f"{option} must be a JSON object")
         setattr(args, name, value)
+    if "pretext" in args.pretrain_config:
+        ap.error("--pretrain-config must not set pretext; choose the tasks with --tasks")
+    extra = sorted(set(args.finetune_config) - set(FINETUNE_FIELDS))
+    if extra:
+        ap.error(f"--finetune-config: unknown field(s) {', '.join(extra)}; "
+                 f"use {', '.join(FINETUNE_FIELDS)}")
+    args.finetune_config = {"seed": args.seed, **DEFAULT_FINETUNE, **args.finetune_config}
+    if args.epochs is not None and args.epochs < 1:
+        ap.error("--epochs must be positive")
     if not 1 <= args.unlabelled <= 60000:
         ap.error("--unlabelled must be between 1 and 60000")
+    if not 1 <= args.labelled_limit <= 60000:
+        ap.error("--labelled-limit must be between 1 and 60000")
     if args.test_limit is not None and not 1 <= args.test_limit <= 10000:
         ap.error("--test-limit must be between 1 and 10000")
     return args
 
 
-def main():
-    args = parse_args()
-    script_start = time.time()
-    command = shlex.join(["python3"] + sys.argv)
-    client = Client(args.url, args.api_key)
+def redacted_command():
+    """The command line, with the API key's value hidden."""
+    argv, hide = [], False
+    for arg in sys.argv:
+        if hide:
+            argv.append("…")
+            hide = False
+        elif arg == "--api-key":
+            argv.append(arg)
+            hide = True
+        elif arg.startswith("--api-key="):
+            argv.append("--api-key=…")
+        else:
+            argv.append(arg)
+    return shlex.join(["python3"] + argv)
 
-    try:
-        ready = client.get("/readyz")
-    except ApiError as e:
-        die(f"server not ready: {e}")
-    log(f"server {args.url}: {ready.get('status')}, {ready.get('workers')} training worker(s)")
-    if not ready.get("workers"):
-        log("warning: the server runs no training workers; jobs will stay queued")
 
+# --------------------------------------------------------------------------
+# Main
+
+
+def upload_datasets(client, args):
+    """Reads Fashion-MNIST, uploads the unlabelled pool, the labelled train
+    set, the test set and the K-per-class subsets; returns them by role."""
     ensure_dataset()
     t = time.time()
     train_images, rows, cols = read_idx_images(os.path.join(DATASET_DIR, FILES["train_images"]))
@@ -546,184 +983,147 @@ def main():
     test_labels = read_idx_labels(os.path.join(DATASET_DIR, FILES["test_labels"]))
     if args.test_limit:
         test_images, test_labels = test_images[:args.test_limit], test_labels[:args.test_limit]
-    log(
-        f"read Fashion-MNIST: {len(train_images)} train, {len(test_images)} test images "
-        f"({cols}x{rows}) in {time.time() - t:.1f} s"
-    )
-
-    # Archives.
-    t = time.time()
-    tag = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    unlabelled_zip = build_zip(
-        (f"img_{i:05d}.png", encode_png_gray(train_images[i], cols, rows))
-        for i in range(args.unlabelled)
-    )
-    chosen = labelled_budgets(train_labels, args.budgets, args.seed)
-    labelled_zips = {}
-    for k in args.budgets:
-        labelled_zips[k] = build_zip(
-            (f"{CLASSES[c]}/train_{i:05d}.png", encode_png_gray(train_images[i], cols, rows))
-            for c in range(len(CLASSES))
-            for i in chosen[k][c]
-        )
+    n_train = max(args.unlabelled, args.labelled_limit)
+    train_pngs = [encode_png_gray(img, cols, rows) for img in train_images[:n_train]]
     test_pngs = [encode_png_gray(img, cols, rows) for img in test_images]
-    log(
-        f"encoded PNGs and zips in {time.time() - t:.1f} s: unlabelled "
-        f"{len(unlabelled_zip) / 1e6:.1f} MB, "
-        + ", ".join(f"K={k} {len(z) / 1e6:.2f} MB" for k, z in labelled_zips.items())
-    )
-    del train_images, test_images
+    labelled_labels = train_labels[:args.labelled_limit]
+    chosen = labelled_budgets(labelled_labels, args.budgets, args.seed)
+    log(f"read and encoded Fashion-MNIST ({cols}x{rows}): {n_train} train, "
+        f"{len(test_pngs)} test images in {time.time() - t:.1f} s")
 
-    # Uploads.
-    def upload(name, data):
+    tag = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+    def upload(name, archive, images, classes=None):
         t = time.time()
-        ds = client.request(
-            "POST", "/v1/datasets?name=" + urllib.parse.quote(name), data, "application/zip"
-        )
-        log(
-            f"uploaded {name}: id {ds['id']}, {ds['num_images']} images, labeled={ds['labeled']}, "
-            f"channels={ds['channels']}, skipped={ds['skipped_count']} "
-            f"({time.time() - t:.1f} s)"
-        )
-        return ds
+        try:
+            ds = client.request(
+                "POST", "/v1/datasets?name=" + urllib.parse.quote(name), archive,
+                "application/zip",
+            )
+        except ApiError as e:
+            die(str(e))
+        log(f"uploaded {name}: id {ds['id']}, {ds['num_images']} images, "
+            f"{len(ds.get('classes') or [])} classes, skipped={ds['skipped_count']} "
+            f"({len(archive) / 1e6:.1f} MB, {time.time() - t:.1f} s)")
+        if ds["num_images"] != images or (classes is not None and set(ds["classes"]) != classes):
+            die(f"dataset {name} came back with {ds['num_images']} images and classes "
+                f"{ds.get('classes')}; expected {images} images, classes {sorted(classes or [])}")
+        return {"id": ds["id"], "name": name, "images": ds["num_images"]}
 
+    datasets = {
+        "unlabelled": upload(
+            f"fmnist-unlabelled-{args.unlabelled}-{tag}",
+            build_zip((f"img_{i:05d}.png", train_pngs[i]) for i in range(args.unlabelled)),
+            args.unlabelled,
+        ),
+        "labelled": upload(
+            f"fmnist-labelled-{args.labelled_limit}-{tag}",
+            class_folder_zip(train_pngs, train_labels, range(args.labelled_limit), "train"),
+            args.labelled_limit, {CLASSES[c] for c in labelled_labels},
+        ),
+        "test": upload(
+            f"fmnist-test-{len(test_pngs)}-{tag}",
+            class_folder_zip(test_pngs, test_labels, range(len(test_pngs)), "test"),
+            len(test_pngs), {CLASSES[c] for c in test_labels},
+        ),
+        "budgets": {},
+    }
+    for k in args.budgets:
+        indices = sorted(i for c in range(len(CLASSES)) for i in chosen[k][c])
+        datasets["budgets"][str(k)] = upload(
+            f"fmnist-{k}-per-class-seed{args.seed}-{tag}",
+            class_folder_zip(train_pngs, train_labels, indices, "train"),
+            len(indices), set(CLASSES),
+        )
+    return datasets
+
+
+def main():
+    args = parse_args()
+    started = time.monotonic()
+    client = Client(args.url, args.api_key)
     try:
-        unlabelled_ds = upload(f"fmnist-unlabelled-{args.unlabelled}-{tag}", unlabelled_zip)
-        if unlabelled_ds["num_images"] != args.unlabelled:
-            die(f"unlabelled dataset has {unlabelled_ds['num_images']} images, "
-                f"expected {args.unlabelled}")
-        labelled_ds = {}
-        for k in args.budgets:
-            ds = upload(f"fmnist-{k}-per-class-seed{args.seed}-{tag}", labelled_zips[k])
-            if sorted(ds["classes"]) != sorted(CLASSES) or ds["num_images"] != k * len(CLASSES):
-                die(f"labelled dataset K={k} came back with classes {ds['classes']} "
-                    f"and {ds['num_images']} images")
-            labelled_ds[k] = ds
+        ready = client.get("/readyz")
     except ApiError as e:
-        die(str(e))
-    del unlabelled_zip, labelled_zips
+        die(f"server not ready: {e}")
+    log(f"server {args.url}: {ready.get('status')}, {ready.get('workers')} training worker(s)")
+    if not ready.get("workers"):
+        log("warning: the server runs no training workers; jobs will stay queued")
+    pyplot = load_pyplot()
 
-    jobs = Jobs(client, args.poll_interval)
-    try:
-        results, pretrain_record, devices = run_jobs(
-            args, client, jobs, unlabelled_ds, labelled_ds, test_pngs, test_labels
-        )
-    except ApiError as e:
-        jobs.cancel_unfinished()
-        die(str(e))
-    except (SystemExit, KeyboardInterrupt):
-        jobs.cancel_unfinished()
-        raise
-
-    report = {
-        "command": command,
-        "server_url": args.url,
+    datasets = upload_datasets(client, args)
+    state = {
+        "benchmark": "label_efficiency",
+        "command": redacted_command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
         "machine": platform.machine(),
         "nproc": nproc(),
-        "devices": devices,
+        "server": {"url": args.url, "workers": ready.get("workers")},
+        "device_note": args.device_note,
+        "deadline_seconds": args.deadline_seconds,
+        "job_timeout_seconds": args.job_timeout,
         "seed": args.seed,
-        "unlabelled_images": args.unlabelled,
-        "test_images": len(test_pngs),
-        "pretrain_config": args.pretrain_config,
-        "finetune_config": args.finetune_config,
-        "datasets": {
-            "unlabelled": unlabelled_ds["id"],
-            "labelled": {str(k): ds["id"] for k, ds in labelled_ds.items()},
+        "knn_k": args.knn_k,
+        "data": {
+            "dir": DATASET_DIR,
+            "unlabelled_images": datasets["unlabelled"]["images"],
+            "labelled_images": datasets["labelled"]["images"],
+            "test_images": datasets["test"]["images"],
         },
-        "pretrain": pretrain_record,
-        "results": results,
-        "script_wall_seconds": time.time() - script_start,
+        "datasets": datasets,
+        "pretrain_config_override": args.pretrain_config,
+        "epochs_override": args.epochs,
+        "finetune_config": args.finetune_config,
+        "raw_pixel_knn_reference": RAW_PIXEL_KNN_REFERENCE,
     }
-    md_path, json_path = write_report(args.out, report)
+    runs = [TaskRun(task) for task in args.tasks]
+    jobs = Jobs(client, args.poll_interval, args.job_timeout)
+
+    def save():
+        return write_results(args, state, runs, pyplot, started)
+
+    try:
+        for run in runs:
+            elapsed = time.monotonic() - started
+            if args.deadline_seconds is not None and elapsed >= args.deadline_seconds:
+                run.status = "skipped"
+                run.note = (f"not started: {elapsed:.0f} s had passed, past the deadline of "
+                            f"{args.deadline_seconds:g} s")
+                log(f"[{run.task}] {run.note}")
+                continue
+            run_task(run, args, jobs, datasets)
+            paths = save()
+            log(f"wrote {', '.join(paths)}")
+    except KeyboardInterrupt:
+        jobs.cancel_unfinished()
+        state["status"] = "interrupted"
+        save()
+        raise SystemExit(130) from None
+    state["status"] = "finished" if all(r.pretrain for r in runs) else "stopped by the deadline"
+    paths = save()
 
     log("")
-    log("labels/class  scratch   pretrained  gain (points)")
-    for r in results:
-        log(
-            f"{r['labels_per_class']:>12}  {100 * r['scratch_accuracy']:6.2f} %  "
-            f"{100 * r['pretrained_accuracy']:6.2f} %    {r['gain_points']:+.2f}"
-        )
-    log(f"wrote {md_path} and {json_path}")
-
-
-def job_record(label, job, **extra):
-    record = {
-        "label": label,
-        "id": job["id"],
-        "kind": job["kind"],
-        "model_id": job.get("model_id"),
-        "device": job.get("device"),
-        "attempts": job.get("attempts"),
-        "started_at": job.get("started_at"),
-        "finished_at": job.get("finished_at"),
-        "wall_seconds": wall_seconds(job),
-        "config": job.get("config"),
-        "metrics": job.get("latest_metrics") or {},
-    }
-    record.update(extra)
-    return record
-
-
-def run_jobs(args, client, jobs, unlabelled_ds, labelled_ds, test_pngs, test_labels):
-    pretrain = jobs.create(
-        {"kind": "pretrain", "dataset_id": unlabelled_ds["id"], "config": args.pretrain_config}
-    )
-    resolved = pretrain["config"]
-    log(f"pretrain job {pretrain['id']} queued with config {json.dumps(resolved)}")
-
-    # Scratch runs do not need the encoder: queue them now so that servers
-    # with several workers train them alongside the pretraining.
-    scratch_config = dict(args.finetune_config)
-    for key in ("backbone", "image_size"):
-        if key in scratch_config and scratch_config[key] != resolved[key]:
-            log(f"note: scratch runs use the pretrain {key} {resolved[key]!r}, "
-                f"not {scratch_config[key]!r}")
-        scratch_config[key] = resolved[key]
-    scratch_jobs = {}
-    for k in args.budgets:
-        job = jobs.create(
-            {"kind": "finetune", "dataset_id": labelled_ds[k]["id"], "config": scratch_config}
-        )
-        scratch_jobs[k] = job
-        log(f"scratch finetune K={k} job {job['id']} queued")
-
-    pretrain = jobs.wait("pretrain", pretrain["id"])
-    encoder_id = pretrain["model_id"]
-    pretrain_record = job_record("pretrain", pretrain, model_id=encoder_id)
-    log(f"encoder {encoder_id} ready after {pretrain_record['wall_seconds']:.1f} s")
-
-    pretrained_jobs = {}
-    for k in args.budgets:
-        job = jobs.create({
-            "kind": "finetune",
-            "dataset_id": labelled_ds[k]["id"],
-            "base_model_id": encoder_id,
-            "config": args.finetune_config,
-        })
-        pretrained_jobs[k] = job
-        log(f"pretrained finetune K={k} job {job['id']} queued")
-
-    results = []
-    devices = set([pretrain.get("device")])
-    for k in args.budgets:
-        row = {"labels_per_class": k, "train_images": k * len(CLASSES)}
-        for init, queued in (("scratch", scratch_jobs[k]), ("pretrained", pretrained_jobs[k])):
-            label = f"finetune K={k} {init}"
-            job = jobs.wait(label, queued["id"])
-            devices.add(job.get("device"))
-            accuracy, correct, per_class = classify_accuracy(
-                client, job["model_id"], test_pngs, test_labels, label
-            )
-            row[f"{init}_accuracy"] = accuracy
-            row[f"{init}_correct"] = correct
-            row[f"{init}_per_class_accuracy"] = per_class
-            row[f"{init}_job"] = job_record(
-                label, job, labels_per_class=k, init=init, base_model_id=job.get("base_model_id")
-            )
-        row["gain_points"] = 100 * (row["pretrained_accuracy"] - row["scratch_accuracy"])
-        results.append(row)
-    return results, pretrain_record, sorted(d for d in devices if d)
+    plan = budget_plan(args)
+    header = ["task"]
+    for b in plan:
+        knn = " / kNN" if "labels_per_class" in b else ""
+        header.append(f"{b['budget']}: scratch / pretrained / gain{knn}")
+    if args.knn_all:
+        header.append("all labels: kNN")
+    log("  |  ".join(header))
+    for run in runs:
+        cells = [run.task]
+        for row in run.rows(plan):
+            cell = [pct(row["scratch_accuracy"]), pct(row["pretrained_accuracy"]),
+                    fmt_points(row["gain_points"])]
+            if "labels_per_class" in row:
+                cell.append(pct(row["knn_accuracy"]))
+            cells.append(" / ".join(cell))
+        if args.knn_all:
+            cells.append(pct(run.knn_all_accuracy()))
+        log("  |  ".join(cells))
+    log(f"wrote {', '.join(paths)}")
 
 
 if __name__ == "__main__":
