@@ -141,13 +141,15 @@ def main():
     parser.add_argument("--inference-images", type=int, default=20000)
     parser.add_argument("--device", default="cuda",
                         help="cuda (what it is for), or cpu to check the script itself")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="let cuDNN pick kernels by heuristics instead of timing them")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu to check the script on a CPU")
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
     if not args.skip_train:
