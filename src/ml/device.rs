@@ -1,7 +1,8 @@
-//! Which devices the service trains and infers on, and how work is laid out
-//! on a GPU: bfloat16 mixed precision, channels-last inputs and weights,
-//! cuDNN's kernel autotuning, asynchronous copies from pinned host memory.
-//! On the CPU all of them leave work as it is.
+//! Which devices the service trains and infers on, and how training work is
+//! laid out on them: channels-last inputs and weights everywhere (oneDNN and
+//! cuDNN both run these networks faster in NHWC); on a GPU also bfloat16
+//! mixed precision, cuDNN's kernel autotuning and asynchronous copies from
+//! pinned host memory.
 
 use tch::{nn::VarStore, Device, Tensor};
 
@@ -67,34 +68,26 @@ pub fn mixed_precision<T>(device: Device, f: impl FnOnce() -> T) -> T {
     tch::autocast(true, f)
 }
 
-/// The same NCHW tensor stored channels-last (NHWC) on a GPU, where cuDNN's
-/// convolutions run faster on it; on the CPU, the tensor itself.
+/// The same NCHW tensor stored channels-last (NHWC); any other tensor as it
+/// is.
 pub fn channels_last(xs: &Tensor) -> Tensor {
-    if xs.device().is_cuda() && xs.dim() == 4 {
+    if xs.dim() == 4 {
         xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
     } else {
         xs.shallow_clone()
     }
 }
 
-/// Stores every 4-D variable of `vs` (the convolutions' weights)
-/// channels-last on a GPU, so that cuDNN runs whole networks in NHWC as
-/// their inputs are, without converting each weight at every pass; on the
-/// CPU, leaves them as they are. Call it before the optimizer's first step.
+/// Re-lays every 4-D variable of `vs` (the convolutions' weights) out
+/// channels-last in place, so that whole networks run in NHWC as their
+/// inputs do, without converting each weight at every pass: same values,
+/// same variables (the optimizer and the graph keep seeing them). Call it
+/// before the optimizer's first step.
 pub fn channels_last_weights(vs: &VarStore) {
-    if vs.device().is_cuda() {
-        store_channels_last(vs);
-    }
-}
-
-/// Re-lays every 4-D variable of `vs` out channels-last in place: same
-/// values, same variable (the optimizer and the graph keep seeing it).
-fn store_channels_last(vs: &VarStore) {
     tch::no_grad(|| {
         for (_, mut var) in vs.variables() {
             if var.dim() == 4 {
-                let nhwc = var.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
-                var.set_data(&nhwc);
+                var.set_data(&channels_last(&var));
             }
         }
     });
@@ -133,7 +126,7 @@ mod tests {
         let before = conv.forward(&xs);
         let weight_before = conv.ws.copy();
 
-        store_channels_last(&vs);
+        channels_last_weights(&vs);
         let weight = &vs.variables()["conv.weight"];
         // NHWC strides for [8, 3, 3, 3]: channels vary fastest.
         assert_eq!(weight.stride(), vec![27, 1, 9, 3]);
