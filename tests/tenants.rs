@@ -1,7 +1,8 @@
-//! API keys and tenants: two tenants never see, use, cancel or delete each
-//! other's datasets, jobs and models; requests without a valid key get 401,
-//! too many get 429; the `keys` commands and the first start of the real
-//! binary hand out keys that work.
+//! API keys, tenants and request limits: two tenants never see, use, cancel
+//! or delete each other's datasets, jobs and models; requests without a
+//! valid key get 401, too many get 429, too large 413, too slow 504; the
+//! `keys` commands and the first start of the real binary hand out keys that
+//! work.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Ids of what a tenant owns after a pretraining run.
 struct Owned {
@@ -264,6 +265,60 @@ async fn a_json_body_over_the_limit_gets_413() {
     let padding = "x".repeat(2 << 20);
     let body = json!({"kind": "pretrain", "dataset_id": uuid::Uuid::new_v4(), "padding": padding});
     assert_problem(app.post_json("/v1/jobs", &body).await, 413).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_outlasts_its_deadline_gets_504_and_nothing_is_stored() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        configure: Some(|config| config.request_timeout_secs = 1),
+        ..Default::default()
+    })
+    .await;
+    // A client that sends its headers and half its body, then stalls.
+    let body = json!({"kind": "pretrain", "dataset_id": uuid::Uuid::new_v4()}).to_string();
+    let address = app.url("").trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TEST_API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("PRETEXT_REQUEST_TIMEOUT_SECS") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("no answer within 10 s of stalling")
+            .unwrap();
+        assert!(
+            read > 0,
+            "the connection closed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let elapsed = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 504"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "answered before the deadline: {elapsed:?}"
+    );
+    // The server goes on serving, and the stalled request left nothing behind.
+    let jobs = app.get_json("/v1/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
     app.stop().await;
 }
 
