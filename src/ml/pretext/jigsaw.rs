@@ -279,27 +279,29 @@ fn normalise_tile(tile: &mut [f32]) {
     }
 }
 
-/// Builds a batch of puzzles from the uint8 images of `batch`: returns tiles
-/// `[B, T, C, t, t]` (float, normalised per tile) and permutation indices `[B]`.
-pub fn make_puzzles(
+/// Cuts one labelled puzzle from each uint8 image of `batch`: draws the
+/// image's tile corners (cells in row-major order), lets `choose` draw its
+/// label and pick the corners to cut in output order, then, for the whole
+/// batch, the colour remedies. Returns the tiles `[B, T, C, t, t]` (float,
+/// normalised per tile) and the labels `[B]`.
+pub fn cut_labelled_puzzles<R: Rng>(
     batch: &ImageBatch<'_>,
-    permutations: &JigsawPermutationSet,
     shape: PuzzleShape,
-    rng: &mut impl Rng,
+    rng: &mut R,
+    mut choose: impl FnMut(&[(i64, i64)], &mut R) -> (i64, Vec<(i64, i64)>),
 ) -> (Tensor, Tensor) {
     let [channels, side, _] = batch.shape;
     let mut cuts = Vec::with_capacity(batch.len());
     let mut labels = Vec::with_capacity(batch.len());
     for b in 0..batch.len() {
         let corners = draw_tile_corners(side as i64, shape, rng);
-        let label = rng.gen_range(0..permutations.permutations.len());
-        let order = &permutations.permutations[label];
+        let (label, chosen) = choose(&corners, rng);
         cuts.push(PuzzleCut {
             image: batch.image(b),
-            corners: order.iter().map(|&k| corners[k as usize]).collect(),
+            corners: chosen,
             colour: None,
         });
-        labels.push(label as i64);
+        labels.push(label);
     }
     for (cut, colour) in cuts
         .iter_mut()
@@ -309,6 +311,22 @@ pub fn make_puzzles(
     }
     let tiles = cut_puzzles(&cuts, channels, side, shape.tile_size);
     (tiles, Tensor::from_slice(&labels))
+}
+
+/// Builds a batch of puzzles from the uint8 images of `batch`: returns tiles
+/// `[B, T, C, t, t]` (float, normalised per tile) and permutation indices `[B]`.
+pub fn make_puzzles(
+    batch: &ImageBatch<'_>,
+    permutations: &JigsawPermutationSet,
+    shape: PuzzleShape,
+    rng: &mut impl Rng,
+) -> (Tensor, Tensor) {
+    cut_labelled_puzzles(batch, shape, rng, |corners, rng| {
+        let label = rng.gen_range(0..permutations.permutations.len());
+        let order = &permutations.permutations[label];
+        let chosen = order.iter().map(|&k| corners[k as usize]).collect();
+        (label as i64, chosen)
+    })
 }
 
 /// The context-free network's head: per-tile fc, concatenation, fc, classifier.

@@ -8,7 +8,7 @@ use rand::Rng;
 use tch::nn;
 use tch::Tensor;
 
-use super::jigsaw::{cut_puzzles, draw_colours, draw_tile_corners, PuzzleCut, PuzzleShape};
+use super::jigsaw::{cut_labelled_puzzles, PuzzleShape};
 use super::ImageBatch;
 
 /// The cells around the centre of a 3×3 grid, in row-major order.
@@ -57,25 +57,9 @@ pub fn make_pairs(
     shape: PuzzleShape,
     rng: &mut impl Rng,
 ) -> (Tensor, Tensor) {
-    let [channels, side, _] = batch.shape;
-    let mut cuts = Vec::with_capacity(batch.len());
-    let mut labels = Vec::with_capacity(batch.len());
-    for b in 0..batch.len() {
-        let corners = draw_tile_corners(side as i64, shape, rng);
+    cut_labelled_puzzles(batch, shape, rng, |corners, rng| {
         let position = rng.gen_range(0..NEIGHBOURS.len());
-        cuts.push(PuzzleCut {
-            image: batch.image(b),
-            corners: vec![corners[CENTRE], corners[NEIGHBOURS[position]]],
-            colour: None,
-        });
-        labels.push(position as i64);
-    }
-    for (cut, colour) in cuts
-        .iter_mut()
-        .zip(draw_colours(batch.len(), channels, shape, rng))
-    {
-        cut.colour = colour;
-    }
-    let pairs = cut_puzzles(&cuts, channels, side, shape.tile_size);
-    (pairs, Tensor::from_slice(&labels))
+        let pair = vec![corners[CENTRE], corners[NEIGHBOURS[position]]];
+        (position as i64, pair)
+    })
 }
