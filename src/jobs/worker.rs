@@ -135,9 +135,21 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                     } else {
                         FrozenProtocols::Linear
                     };
-                    let report =
-                        evaluate_frozen(&trunk, &source.input, ctx.device, evaluation, protocols)?;
-                    Ok(TrainingOutcome::Evaluated(report))
+                    let stop = || ctx.stop.requested().is_some();
+                    let report = evaluate_frozen(
+                        &trunk,
+                        &source.input,
+                        ctx.device,
+                        evaluation,
+                        protocols,
+                        &stop,
+                    )?;
+                    Ok(match report {
+                        Some(report) => TrainingOutcome::Evaluated(report),
+                        None => TrainingOutcome::Stopped(
+                            ctx.stop.requested().unwrap_or(StopReason::Release),
+                        ),
+                    })
                 }
                 Protocol::LabelEfficiency => {
                     run_label_efficiency(ctx, &source, evaluation, &config)

@@ -129,28 +129,27 @@ pub fn load_split(evaluation: &EvaluationData, input: &InputSpec) -> anyhow::Res
     }
 }
 
-/// Pooled trunk features of uint8 images `[N, C, S, S]`, on the CPU.
+/// Pooled trunk features of uint8 images `[N, C, S, S]`, on the CPU, or
+/// `None` when `stop` says so between two batches.
 pub fn embed_all(
     trunk: &nn::FuncT<'static>,
     images: &Tensor,
     input: &InputSpec,
     device: Device,
-) -> Tensor {
+    stop: &dyn Fn() -> bool,
+) -> Option<Tensor> {
     tch::no_grad(|| {
         let n = images.size()[0];
-        let chunks: Vec<Tensor> = (0..n)
-            .step_by(EMBED_BATCH as usize)
-            .map(|start| {
-                let batch = images.narrow(0, start, EMBED_BATCH.min(n - start));
-                features(
-                    trunk,
-                    &normalise(&batch, &input.mean, &input.std, device),
-                    false,
-                )
-                .to_device(Device::Cpu)
-            })
-            .collect();
-        Tensor::cat(&chunks, 0)
+        let mut chunks = Vec::new();
+        for start in (0..n).step_by(EMBED_BATCH as usize) {
+            if stop() {
+                return None;
+            }
+            let batch = images.narrow(0, start, EMBED_BATCH.min(n - start));
+            let normalised = normalise(&batch, &input.mean, &input.std, device);
+            chunks.push(features(trunk, &normalised, false).to_device(Device::Cpu));
+        }
+        Some(Tensor::cat(&chunks, 0))
     })
 }
 
@@ -211,13 +210,15 @@ pub fn knn_accuracy(features: &LabelledFeatures, k: i64, temperature: f64) -> f6
 }
 
 /// Test accuracy of a linear classifier trained on frozen features
-/// (standardised with the train set's statistics).
+/// (standardised with the train set's statistics), or `None` when `stop`
+/// says so between two steps.
 pub fn linear_probe_accuracy(
     features: &LabelledFeatures,
     epochs: i64,
     learning_rate: f64,
     seed: i64,
-) -> anyhow::Result<f64> {
+    stop: &dyn Fn() -> bool,
+) -> anyhow::Result<Option<f64>> {
     let LabelledFeatures {
         train,
         train_labels,
@@ -248,6 +249,9 @@ pub fn linear_probe_accuracy(
     let total = epochs * steps_per_epoch;
     let mut order = Vec::new();
     for step in 0..total {
+        if stop() {
+            return Ok(None);
+        }
         let within = (step % steps_per_epoch) as usize;
         if within == 0 {
             order = epoch_order(n, seed, step / steps_per_epoch);
@@ -260,7 +264,7 @@ pub fn linear_probe_accuracy(
         optimizer.backward_step(&loss);
     }
     let accuracy = tch::no_grad(|| probe.forward(&test).accuracy_for_logits(test_labels));
-    Ok(f64::try_from(accuracy)?)
+    Ok(Some(f64::try_from(accuracy)?))
 }
 
 fn labels_tensor(split: &LabelledSplit, indices: &[usize]) -> Tensor {
@@ -273,17 +277,22 @@ fn index_tensor(indices: &[usize]) -> Tensor {
     Tensor::from_slice(&idx)
 }
 
-/// kNN and/or linear-probe accuracy of a trunk on a labelled split.
+/// kNN and/or linear-probe accuracy of a trunk on a labelled split, or
+/// `None` when `stop` says so (checked between embedding batches and
+/// probe steps).
 pub fn evaluate_frozen(
     trunk: &nn::FuncT<'static>,
     input: &InputSpec,
     device: Device,
     evaluation: &EvaluationData,
     protocols: FrozenProtocols,
-) -> anyhow::Result<EvaluationReport> {
+    stop: &dyn Fn() -> bool,
+) -> anyhow::Result<Option<EvaluationReport>> {
     let split = load_split(evaluation, input)?;
     let num_classes = split.data.classes.len() as i64;
-    let embeddings = embed_all(trunk, &split.data.images, input, device);
+    let Some(embeddings) = embed_all(trunk, &split.data.images, input, device, stop) else {
+        return Ok(None);
+    };
     let train = embeddings.index_select(0, &index_tensor(&split.train));
     let test = embeddings.index_select(0, &index_tensor(&split.test));
     let (train_labels, test_labels) = (
@@ -310,12 +319,16 @@ pub fn evaluate_frozen(
         row.insert("knn_accuracy".into(), accuracy.into());
     }
     if protocols != FrozenProtocols::Knn {
-        let accuracy = linear_probe_accuracy(
+        let Some(accuracy) = linear_probe_accuracy(
             &labelled,
             evaluation.linear_epochs,
             evaluation.linear_learning_rate,
             evaluation.seed,
-        )?;
+            stop,
+        )?
+        else {
+            return Ok(None);
+        };
         summary.insert("linear_accuracy".to_string(), accuracy);
         columns.push("linear_accuracy".to_string());
         row.insert("linear_accuracy".into(), accuracy.into());
@@ -325,14 +338,14 @@ pub fn evaluate_frozen(
         FrozenProtocols::Linear => "linear",
         FrozenProtocols::KnnAndLinear => "knn+linear",
     };
-    Ok(EvaluationReport {
+    Ok(Some(EvaluationReport {
         protocol: protocol.to_string(),
         columns,
         rows: vec![serde_json::Value::Object(row)],
         summary,
         train_images: split.train.len(),
         test_images: split.test.len(),
-    })
+    }))
 }
 
 /// The encoder under evaluation.
@@ -579,8 +592,13 @@ mod tests {
         };
         let knn = knn_accuracy(&features, 5, 0.07);
         assert!(knn > 0.95, "{knn}");
-        let linear = linear_probe_accuracy(&features, 50, 0.05, 0).unwrap();
+        let linear = linear_probe_accuracy(&features, 50, 0.05, 0, &|| false)
+            .unwrap()
+            .expect("nothing asked it to stop");
         assert!(linear > 0.95, "{linear}");
+        // Asked to stop, the probe answers nothing.
+        let stopped = linear_probe_accuracy(&features, 50, 0.05, 0, &|| true).unwrap();
+        assert!(stopped.is_none(), "{stopped:?}");
     }
 
     #[test]

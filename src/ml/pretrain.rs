@@ -14,12 +14,12 @@ use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
 use super::device::channels_last_weights;
-use super::evaluate::{evaluate_frozen, EvaluationData, EvaluationReport, FrozenProtocols};
+use super::evaluate::{evaluate_frozen, EvaluationData, FrozenProtocols};
 use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
-    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,
-    TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
+    TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::load_image_set;
 use crate::jobs::config::PretrainConfig;
@@ -167,13 +167,20 @@ pub fn run_pretrain(
     );
     let mut report = None;
     if let Some(evaluation) = evaluation {
-        let frozen: EvaluationReport = evaluate_frozen(
+        // The encoder is trained: only a cancel interrupts its evaluation
+        // (a release would send the job back to retrain from a checkpoint).
+        let cancelled = || ctx.stop.requested() == Some(StopReason::Cancel);
+        let Some(frozen) = evaluate_frozen(
             &trunk,
             &input,
             ctx.device,
             &evaluation,
             FrozenProtocols::KnnAndLinear,
-        )?;
+            &cancelled,
+        )?
+        else {
+            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
+        };
         metrics.extend(frozen.summary.clone());
         report = Some(frozen);
     }
