@@ -103,8 +103,11 @@ fn named<'a>(events: &'a [SseEvent], name: &str) -> Vec<&'a SseEvent> {
 async fn follows_a_job_live_then_resumes_from_the_last_event_id() {
     let app = spawn_app().await;
     let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 5))).await;
+    // Long enough (a few seconds) for the stream's polls to see it running.
+    let mut config = quick_pretrain_config();
+    config["epochs"] = json!(60);
     let job = app
-        .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": quick_pretrain_config()}))
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
         .await;
     let job_id = job["id"].as_str().unwrap().to_string();
 

@@ -5,6 +5,7 @@
 //! on LibTorch.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -313,49 +314,60 @@ impl Worker {
         let mut progress = job.progress.0;
         let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
         heartbeat.tick().await;
-        let mut lease_lost = false;
-        let mut shutdown_seen = false;
-        let result = loop {
-            tokio::select! {
-                result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
-                Some(event) = events.recv() => {
+        let lease_lost = AtomicBool::new(false);
+        let result = {
+            // Checkpoints are published and events recorded in order, beside
+            // the heartbeat rather than in its way: a slow upload of a large
+            // checkpoint must not let the lease expire.
+            let recorder = async {
+                while let Some(event) = events.recv().await {
                     self.publish_if_checkpoint(&job, &event).await;
                     match self.record_event(&job, &mut progress, event).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            lease_lost = true;
+                            lease_lost.store(true, Ordering::SeqCst);
                             stop.request(StopReason::Release);
                         }
                         // The heartbeat decides whether the job is still ours.
-                        Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
-                        Ok(LeaseStatus::Held { cancel_requested: true }) => stop.request(StopReason::Cancel),
-                        Ok(LeaseStatus::Held { cancel_requested: false }) => {}
-                        Ok(LeaseStatus::Lost) => {
-                            tracing::warn!(job_id = %job.id, "lease lost; stopping");
-                            lease_lost = true;
-                            stop.request(StopReason::Release);
+                        Err(error) => {
+                            tracing::warn!(job_id = %job.id, %error, "progress not recorded")
                         }
-                        Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
                     }
                 }
-                _ = shutdown.cancelled(), if !shutdown_seen => {
-                    shutdown_seen = true;
-                    stop.request(StopReason::Release);
+            };
+            tokio::pin!(recorder);
+            let mut recorded = false;
+            let mut shutdown_seen = false;
+            let result = loop {
+                tokio::select! {
+                    result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
+                    // Ends once the training thread lets go of its sender.
+                    () = &mut recorder, if !recorded => recorded = true,
+                    _ = heartbeat.tick() => {
+                        match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
+                            Ok(LeaseStatus::Held { cancel_requested: true }) => stop.request(StopReason::Cancel),
+                            Ok(LeaseStatus::Held { cancel_requested: false }) => {}
+                            Ok(LeaseStatus::Lost) => {
+                                tracing::warn!(job_id = %job.id, "lease lost; stopping");
+                                lease_lost.store(true, Ordering::SeqCst);
+                                stop.request(StopReason::Release);
+                            }
+                            Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
+                        }
+                    }
+                    _ = shutdown.cancelled(), if !shutdown_seen => {
+                        shutdown_seen = true;
+                        stop.request(StopReason::Release);
+                    }
                 }
+            };
+            // The events sent before the outcome.
+            if !recorded {
+                recorder.await;
             }
+            result
         };
-        while let Ok(event) = events.try_recv() {
-            self.publish_if_checkpoint(&job, &event).await;
-            match self.record_event(&job, &mut progress, event).await {
-                Ok(true) => {}
-                Ok(false) => lease_lost = true,
-                Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
-            }
-        }
+        let lease_lost = lease_lost.load(Ordering::SeqCst);
         if lease_lost {
             let _ = std::fs::remove_dir_all(self.storage.model_dir(model_id));
             return Ok(());
