@@ -335,7 +335,7 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
     // A new process picks the job up once the lease has expired.
     let app = spawn_app_with(TestOptions {
         lease_secs: 2,
-        environment: Some((database_url, data_dir)),
+        environment: Some((database_url.clone(), data_dir.clone())),
         ..Default::default()
     })
     .await;
@@ -388,4 +388,5 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
         .await;
     assert_eq!(model["kind"], "encoder");
     app.stop().await;
+    remove_environment(&database_url, &data_dir).await;
 }

@@ -71,7 +71,7 @@ async fn concurrent_uploads_submissions_and_classifications_lose_nothing() {
     let app = Arc::new(
         spawn_app_with(TestOptions {
             workers: 0,
-            environment: Some(environment),
+            environment: Some(environment.clone()),
             // One key sends everything here; the per-key limit is not under test.
             rate_limit: Some((0.0, 0)),
             ..Default::default()
@@ -197,4 +197,5 @@ async fn concurrent_uploads_submissions_and_classifications_lose_nothing() {
         .expect("no other owner")
         .stop()
         .await;
+    remove_environment(&environment.0, &environment.1).await;
 }

@@ -12,6 +12,7 @@ use pretext::app::Application;
 use pretext::config::ServeConfig;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub mod processes;
@@ -46,6 +47,24 @@ pub fn fresh_environment() -> (String, PathBuf) {
     (format!("{}/{name}", postgres_server()), data_dir)
 }
 
+/// Drops a test's database and removes its data folder, once nothing uses
+/// them any more, so that test runs leave nothing behind.
+pub async fn remove_environment(database_url: &str, data_dir: &std::path::Path) {
+    let name = database_url.rsplit('/').next().expect("a database name");
+    assert!(
+        name.starts_with("pretext_test_"),
+        "not a test database: {name}"
+    );
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server()))
+        .await
+        .expect("the test Postgres answers");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("the test database is dropped");
+    let _ = std::fs::remove_dir_all(data_dir);
+}
+
 /// A running server.
 pub struct TestApp {
     pub address: String,
@@ -55,6 +74,9 @@ pub struct TestApp {
     shutdown: CancellationToken,
     /// `None` for a handle made by [`TestApp::with_key`].
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Whether the database and data folder were made for this server alone
+    /// (and go when it stops), not handed in by the test.
+    owns_environment: bool,
 }
 
 /// Knobs tests turn.
@@ -122,6 +144,7 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts a server.
 pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    let owns_environment = options.environment.is_none();
     let (database_url, data_dir) = options
         .environment
         .clone()
@@ -140,6 +163,7 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         data_dir,
         shutdown,
         server: Some(server),
+        owns_environment,
     }
 }
 
@@ -156,6 +180,9 @@ impl TestApp {
         };
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(60), server).await;
+        if self.owns_environment {
+            remove_environment(&self.database_url, &self.data_dir).await;
+        }
     }
 
     /// A handle on the same server whose requests send `key` instead.
@@ -167,6 +194,7 @@ impl TestApp {
             data_dir: self.data_dir.clone(),
             shutdown: self.shutdown.clone(),
             server: None,
+            owns_environment: false,
         }
     }
 
