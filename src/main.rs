@@ -61,6 +61,12 @@ async fn main() {
         )
         .init();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        None | Some(Command::Serve(_)) | Some(Command::Worker(_))
+    ) {
+        tune_allocator();
+    }
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
         Some(Command::Worker(config)) => exit_on_error(run_workers(config).await),
@@ -84,6 +90,25 @@ async fn main() {
     }
     .await;
     exit_on_error(result)
+}
+
+/// Lets LibTorch reuse freed tensor memory between steps (see
+/// [`pretext::ml::allocator`]), and says so.
+fn tune_allocator() {
+    use pretext::ml::allocator::{self, AllocatorTuning};
+    match allocator::keep_freed_tensor_memory() {
+        AllocatorTuning::Applied => tracing::info!(
+            trim_threshold_bytes = allocator::TRIM_THRESHOLD_BYTES,
+            top_pad_bytes = allocator::TOP_PAD_BYTES,
+            "malloc keeps freed tensor memory for reuse"
+        ),
+        AllocatorTuning::LeftToEnvironment => {
+            tracing::info!("malloc settings left as the environment's MALLOC_* variables set them")
+        }
+        AllocatorTuning::Unavailable => {
+            tracing::warn!("malloc settings unchanged: not glibc, or glibc refused them")
+        }
+    }
 }
 
 async fn run_workers(config: WorkerConfig) -> anyhow::Result<()> {

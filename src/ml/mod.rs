@@ -3,6 +3,7 @@
 //! checkpoints, and inference. Code in here runs only on dedicated OS threads
 //! that own their tensors; async code talks to it through channels.
 
+pub mod allocator;
 pub mod backbone;
 pub mod checkpoint;
 pub mod device;
