@@ -29,6 +29,7 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,7 +175,13 @@ def run_service(args, pngs, cols, rows):
         stop_server(server)
 
 
-def run_reference(args, service):
+# glibc's variables for the allocator settings pretext applies to itself at
+# start (src/ml/allocator.rs), for a reference run under the same settings.
+PRETEXT_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                         "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def run_reference(args, service, extra_env=None):
     c = service["resolved_config"]
     if c["backbone"] != "convnet":
         die("the reference implements the convnet trunk only")
@@ -199,15 +206,17 @@ def run_reference(args, service):
     ]
     load = uptime()
     log(f"reference side, load at start: {load}")
-    log("running: " + shlex.join(command))
-    done = subprocess.run(command, capture_output=True, text=True)
+    env_words = [f"{k}={v}" for k, v in sorted((extra_env or {}).items())]
+    log("running: " + shlex.join(env_words + command))
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env=dict(os.environ, **(extra_env or {})))
     sys.stdout.write(done.stdout)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
         die(f"the reference exited with {done.returncode}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["uptime_at_start"] = load
-    result["command"] = shlex.join(command)
+    result["command"] = shlex.join(env_words + command)
     return result
 
 
@@ -298,8 +307,28 @@ def write_report(out_dir, name, report):
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    s, r = report["service"], report["reference"]
+    rounds = report["rounds"]
+    s, r = rounds[0]["service"], rounds[0]["reference"]
     c = s["resolved_config"]
+    same_allocator = "reference_pretext_allocator" in rounds[0]
+    header = "| round | pretext images/s | reference images/s | ratio |"
+    rule = "|---:|---:|---:|---:|"
+    if same_allocator:
+        header += " reference with pretext's allocator settings, images/s | ratio |"
+        rule += "---:|---:|"
+    table = [header, rule]
+    for i, entry in enumerate(rounds, 1):
+        row = (f"| {i} | {entry['service']['images_per_second']:.2f} | "
+               f"{entry['reference']['images_per_second']:.2f} | {entry['ratio']:.2f}x |")
+        if same_allocator:
+            row += (f" {entry['reference_pretext_allocator']['images_per_second']:.2f} | "
+                    f"{entry['ratio_pretext_allocator']:.2f}x |")
+        table.append(row)
+    headline = (f"**Ratio (pretext / reference), median of {len(rounds)} round(s): "
+                f"{report['ratio']:.2f}x** (target: at least 1.2x).")
+    if same_allocator:
+        headline += (" Against the reference run with the same allocator settings as "
+                     f"pretext: {report['ratio_pretext_allocator']:.2f}x.")
     lines = [
         "# Training throughput: pretext against a PyTorch script",
         "",
@@ -310,22 +339,35 @@ def write_report(out_dir, name, report):
         f"(lr {c['learning_rate']}, weight decay {c['weight_decay']}), CPU, "
         f"{s['libtorch_threads']} LibTorch threads on both sides. Images/s over steps "
         f"{report['warmup_steps'] + 1}-{report['steps']} (the first {report['warmup_steps']} "
-        f"left out as warm-up), batch building included.",
+        f"left out as warm-up), batch building included. Each round runs pretext, then the "
+        f"PyTorch reference (`bench/reference/train_jigsaw.py`, {r['workers']} DataLoader "
+        "worker) as a user runs it"
+        + (", then the reference again under pretext's allocator settings "
+           "(`" + " ".join(f"{k}={v}" for k, v in sorted(PRETEXT_ALLOCATOR_ENV.items()))
+           + "`, what pretext sets for itself at start)" if same_allocator else "")
+        + "; each ratio compares sides of the same round.",
         "",
-        "| side | images/s | load at start (`uptime`) |",
-        "|---|---:|---|",
-        f"| pretext (`{report['binary']}` serve, jigsaw job) | {s['images_per_second']:.2f} | "
-        f"{s['uptime_at_start']} |",
-        f"| PyTorch reference (`bench/reference/train_jigsaw.py`, {r['workers']} DataLoader "
-        f"worker) | {r['images_per_second']:.2f} | {r['uptime_at_start']} |",
+        *table,
         "",
-        f"**Ratio (pretext / reference): {report['ratio']:.2f}x** (target: at least 1.2x).",
+        headline,
         "",
-        "Where a step's time goes (mean per step over the measured steps): waiting for the "
-        f"batch {fmt_ms(s.get('batch_wait_ms'))} in pretext, {fmt_ms(r.get('batch_wait_ms'))} "
-        f"in the reference; the reference's forward, backward and optimiser step "
-        f"{fmt_ms(r.get('step_compute_ms'))}; pretext's whole step "
+        "Where a step's time goes (mean per step over the measured steps, round 1): waiting "
+        f"for the batch {fmt_ms(s.get('batch_wait_ms'))} in pretext, "
+        f"{fmt_ms(r.get('batch_wait_ms'))} in the reference; the reference's forward, backward "
+        f"and optimiser step {fmt_ms(r.get('step_compute_ms'))}; pretext's whole step "
         f"{fmt_ms(1e3 * c['batch_size'] / s['images_per_second'])}.",
+        "",
+        "Load at the start of each side (`uptime`):",
+        "",
+    ]
+    for i, entry in enumerate(rounds, 1):
+        sides = [("pretext", entry["service"]), ("reference", entry["reference"])]
+        if same_allocator:
+            sides.append(("reference, pretext's allocator settings",
+                          entry["reference_pretext_allocator"]))
+        for label, side in sides:
+            lines.append(f"- round {i}, {label}: {side['uptime_at_start']}")
+    lines += [
         "",
         "## Run",
         "",
@@ -333,7 +375,7 @@ def write_report(out_dir, name, report):
         f"- Reference command: `{r['command']}`",
         f"- Date: {report['date']}",
         f"- Machine: {report['machine']}",
-        f"- Service report windows (images/s, 10 steps each): "
+        f"- Service report windows (images/s, 10 steps each), round 1: "
         + ", ".join(f"{x:.2f}" for x in s["window_images_per_second"]),
         f"- Pretrain config as resolved by the server: `{json.dumps(c, sort_keys=True)}`",
         "",
@@ -343,6 +385,26 @@ def write_report(out_dir, name, report):
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines))
     log(f"wrote {out_dir}/{name}.md and .json")
+
+
+def run_cpu_round(args, pngs, cols, rows, number):
+    """pretext, then the reference as a user runs it, then (if asked) the
+    reference under pretext's allocator settings, back to back."""
+    log(f"round {number} of {args.rounds}")
+    service = run_service(args, pngs, cols, rows)
+    log(f"pretext: {service['images_per_second']:.2f} images/s")
+    reference = run_reference(args, service)
+    log(f"reference: {reference['images_per_second']:.2f} images/s")
+    entry = {"service": service, "reference": reference,
+             "ratio": service["images_per_second"] / reference["images_per_second"]}
+    if args.same_allocator_reference:
+        tuned = run_reference(args, service, PRETEXT_ALLOCATOR_ENV)
+        log(f"reference with pretext's allocator settings: "
+            f"{tuned['images_per_second']:.2f} images/s")
+        entry["reference_pretext_allocator"] = tuned
+        entry["ratio_pretext_allocator"] = (
+            service["images_per_second"] / tuned["images_per_second"])
+    return entry
 
 
 def machine():
@@ -371,6 +433,12 @@ def main():
                         '"batch_size":64,"epochs":1,"seed":0}',
                         help="pretrain config (JSON); max_steps is set from --steps")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="CPU: rounds of pretext then reference; the ratio quoted is "
+                        "the median of the rounds' ratios")
+    parser.add_argument("--same-allocator-reference", action=argparse.BooleanOptionalAction,
+                        default=True, help="CPU: also run the reference in each round under "
+                        "the glibc allocator settings pretext applies to itself")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N to train on a GPU")
     parser.add_argument("--name", help="results file name (default train_throughput, "
                         "train_throughput_gpu on a GPU)")
@@ -386,30 +454,33 @@ def main():
     pngs = [le.encode_png_gray(images[i], cols, rows) for i in range(args.images)]
     del images
 
-    service = run_service(args, pngs, cols, rows)
-    log(f"pretext: {service['images_per_second']:.2f} images/s")
     gpu = args.device.startswith("cuda")
-    if gpu:
-        reference = run_gpu_reference(args, service)
-        reference_rate = reference["bf16"]["images_per_second"]
-    else:
-        reference = run_reference(args, service)
-        reference_rate = reference["images_per_second"]
-    log(f"reference: {reference_rate:.2f} images/s")
     report = {
         "images": args.images,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "device": args.device,
-        "ratio": service["images_per_second"] / reference_rate,
-        "service": service,
-        "reference": reference,
         "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "notes": args.notes,
         "binary": os.path.relpath(args.binary, REPO_ROOT),
     }
+    if gpu:
+        service = run_service(args, pngs, cols, rows)
+        log(f"pretext: {service['images_per_second']:.2f} images/s")
+        reference = run_gpu_reference(args, service)
+        reference_rate = reference["bf16"]["images_per_second"]
+        log(f"reference: {reference_rate:.2f} images/s")
+        report.update(ratio=service["images_per_second"] / reference_rate,
+                      service=service, reference=reference)
+    else:
+        report["rounds"] = [run_cpu_round(args, pngs, cols, rows, i)
+                            for i in range(1, args.rounds + 1)]
+        report["ratio"] = statistics.median(e["ratio"] for e in report["rounds"])
+        if args.same_allocator_reference:
+            report["ratio_pretext_allocator"] = statistics.median(
+                e["ratio_pretext_allocator"] for e in report["rounds"])
     log(f"ratio: {report['ratio']:.2f}x")
     if gpu:
         write_gpu_report(args.out, args.name or "train_throughput_gpu", report)
