@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::processes::{start_api, start_moto, start_worker};
 use common::{
-    fresh_environment, labelled_entries, png, quick_pretrain_config, shape_image, zip_archive,
+    fresh_environment, labelled_entries, png, quick_pretrain_config, remove_environment,
+    shape_image, zip_archive,
 };
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -32,7 +33,7 @@ async fn an_api_alone_queues_jobs_and_two_worker_processes_run_each_exactly_once
     let mut jobs = Vec::new();
     for _ in 0..8 {
         jobs.push(
-            api.create_job(
+            api.create_job_id(
                 json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}),
             )
             .await,
@@ -84,6 +85,8 @@ async fn an_api_alone_queues_jobs_and_two_worker_processes_run_each_exactly_once
         a.len(),
         b.len()
     );
+    tokio::join!(api.stop(), first.stop(), second.stop());
+    remove_environment(&database_url, &data_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +100,7 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
     config["max_steps"] = json!(150);
     config["batch_size"] = json!(4);
     let id = api
-        .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
+        .create_job_id(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
         .await;
 
     let mut first = start_worker(&database_url, &data_dir, 30, &[]).await;
@@ -131,7 +134,7 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
     let log = first.log.lock().unwrap().clone();
     assert!(log.contains("released back to the queue"), "{log}");
 
-    let _second = start_worker(&database_url, &data_dir, 30, &[]).await;
+    let second = start_worker(&database_url, &data_dir, 30, &[]).await;
     let done = api.wait_for_success(&id, Duration::from_secs(300)).await;
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["progress"]["step"], 150);
@@ -153,6 +156,8 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
         before, unique,
         "steps up to the checkpoint trained once: {steps:?}"
     );
+    tokio::join!(api.stop(), second.stop());
+    remove_environment(&database_url, &data_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +182,7 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
     let (database_url, data_dir) = fresh_environment();
     let (api_dir, worker_dir) = (subfolder(&data_dir, "api"), subfolder(&data_dir, "worker"));
     let api = start_api(&database_url, &api_dir, &["--workers", "0"], &env).await;
-    let _worker = start_worker(&database_url, &worker_dir, 30, &env).await;
+    let worker = start_worker(&database_url, &worker_dir, 30, &env).await;
 
     let dataset = api.upload_zip(zip_archive(&labelled_entries(10, 5))).await;
     let dataset_id = dataset["id"].as_str().unwrap().to_string();
@@ -188,7 +193,7 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
     );
 
     let pretrain = api
-        .create_job(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": quick_pretrain_config()}))
+        .create_job_id(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": quick_pretrain_config()}))
         .await;
     let job = api
         .wait_for_success(&pretrain, Duration::from_secs(300))
@@ -201,7 +206,7 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
         "the worker fetched the dataset into its own folder"
     );
     let finetune = api
-        .create_job(
+        .create_job_id(
             json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
             "config": {"max_steps": 4, "batch_size": 8, "val_fraction": 0.0}}),
         )
@@ -228,13 +233,13 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
     assert!(!weights.exists());
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let response = api
-        .client
-        .post(api.url(&format!("/v1/models/{classifier_id}/classify")))
-        .header("content-type", "image/png")
-        .body(png(&shape_image("vertical", &mut rng)))
-        .send()
-        .await
-        .unwrap();
+        .post_image(
+            &classifier_id,
+            "classify",
+            "",
+            png(&shape_image("vertical", &mut rng)),
+        )
+        .await;
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     let body: Value = response.json().await.unwrap();
     assert_eq!(
@@ -244,12 +249,7 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
     );
     assert!(weights.exists(), "the API kept the fetched weights");
 
-    let response = api
-        .client
-        .delete(api.url(&format!("/v1/models/{classifier_id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = api.delete(&format!("/v1/models/{classifier_id}")).await;
     assert_eq!(response.status(), 204);
     let keys = moto.keys(bucket, "cluster/").await;
     assert!(
@@ -261,4 +261,6 @@ async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() 
         keys.contains(&format!("cluster/models/{encoder_id}/weights.safetensors")),
         "other models stay: {keys:?}"
     );
+    tokio::join!(api.stop(), worker.stop());
+    remove_environment(&database_url, &data_dir).await;
 }

@@ -26,11 +26,10 @@ async fn train_something(app: &TestApp, seed: u64) -> Owned {
         .await;
     let dataset = dataset["id"].as_str().unwrap().to_string();
     let job = app
-        .create_job(
+        .create_job_id(
             json!({"kind": "pretrain", "dataset_id": dataset, "config": quick_pretrain_config()}),
         )
         .await;
-    let job = job["id"].as_str().unwrap().to_string();
     let done = app.wait_for_success(&job, Duration::from_secs(180)).await;
     Owned {
         dataset,
@@ -486,6 +485,7 @@ async fn the_first_start_prints_a_key_that_works() {
         assert_eq!(response.status(), 200, "{key}");
     }
     child.kill().await.unwrap();
+    remove_environment(&database_url, &data_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,7 +495,7 @@ async fn without_auth_every_request_acts_as_the_default_tenant() {
         workers: 0,
         ..Default::default()
     };
-    let mut config = test_config(&options, &database_url, data_dir);
+    let mut config = test_config(&options, &database_url, data_dir.clone());
     config.api_key = None;
     config.insecure_no_auth = true;
     let app = pretext::app::Application::build(config).await.unwrap();
@@ -523,4 +523,5 @@ async fn without_auth_every_request_acts_as_the_default_tenant() {
     assert_eq!(listed["datasets"][0]["name"], "open");
     shutdown.cancel();
     let _ = server.await;
+    remove_environment(&database_url, &data_dir).await;
 }

@@ -5,7 +5,7 @@
 
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use image::{DynamicImage, ImageBuffer, Rgb};
 use pretext::app::Application;
@@ -15,7 +15,10 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
+pub mod api;
 pub mod processes;
+
+pub use api::Api;
 
 /// The API key every test server accepts (for the `default` tenant), and
 /// that `TestApp::client` sends.
@@ -67,8 +70,7 @@ pub async fn remove_environment(database_url: &str, data_dir: &std::path::Path) 
 
 /// A running server.
 pub struct TestApp {
-    pub address: String,
-    pub client: reqwest::Client,
+    pub api: Api,
     pub database_url: String,
     pub data_dir: PathBuf,
     shutdown: CancellationToken,
@@ -157,8 +159,7 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
-        address,
-        client: client_with_key(TEST_API_KEY),
+        api: Api::new(address, TEST_API_KEY),
         database_url,
         data_dir,
         shutdown,
@@ -167,11 +168,15 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     }
 }
 
-impl TestApp {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.address)
-    }
+impl std::ops::Deref for TestApp {
+    type Target = Api;
 
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl TestApp {
     /// Stops the server and waits for it (a [`TestApp::with_key`] handle
     /// stops nothing).
     pub async fn stop(self) {
@@ -188,8 +193,7 @@ impl TestApp {
     /// A handle on the same server whose requests send `key` instead.
     pub fn with_key(&self, key: &str) -> TestApp {
         TestApp {
-            address: self.address.clone(),
-            client: client_with_key(key),
+            api: Api::new(self.address.clone(), key),
             database_url: self.database_url.clone(),
             data_dir: self.data_dir.clone(),
             shutdown: self.shutdown.clone(),
@@ -210,158 +214,6 @@ impl TestApp {
             .expect("the key is stored");
         pool.close().await;
         key
-    }
-
-    pub async fn upload_raw(
-        &self,
-        body: Vec<u8>,
-        content_type: &str,
-        name: Option<&str>,
-    ) -> reqwest::Response {
-        let mut request = self
-            .client
-            .post(self.url("/v1/datasets"))
-            .header("content-type", content_type)
-            .body(body);
-        if let Some(name) = name {
-            request = request.query(&[("name", name)]);
-        }
-        request.send().await.expect("request sent")
-    }
-
-    pub async fn upload_zip(&self, archive: Vec<u8>) -> Value {
-        let response = self
-            .upload_raw(archive, "application/zip", Some("shapes"))
-            .await;
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        response.json().await.unwrap()
-    }
-
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn get_json(&self, path: &str) -> Value {
-        let response = self.get(path).await;
-        assert!(
-            response.status().is_success(),
-            "GET {path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
-    }
-
-    pub async fn delete(&self, path: &str) -> reqwest::Response {
-        self.client
-            .delete(self.url(path))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn create_job(&self, body: Value) -> Value {
-        let response = self.post_json("/v1/jobs", &body).await;
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        response.json().await.unwrap()
-    }
-
-    pub async fn cancel_job(&self, id: &str) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/v1/jobs/{id}/cancel")))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn job(&self, id: &str) -> Value {
-        self.get_json(&format!("/v1/jobs/{id}")).await
-    }
-
-    /// Polls a job until `done` holds for it, or panics after `timeout`.
-    pub async fn wait_for_job(
-        &self,
-        id: &str,
-        timeout: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let start = Instant::now();
-        loop {
-            let job = self.job(id).await;
-            if done(&job) {
-                return job;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "job {id} did not get there in {timeout:?}: {job:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Polls a job until it ends; panics unless it succeeded.
-    pub async fn wait_for_success(&self, id: &str, timeout: Duration) -> Value {
-        let job = self
-            .wait_for_job(id, timeout, |j| {
-                matches!(
-                    j["state"].as_str(),
-                    Some("succeeded" | "failed" | "cancelled")
-                )
-            })
-            .await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        job
-    }
-
-    pub async fn post_image(
-        &self,
-        model_id: &str,
-        action: &str,
-        query: &str,
-        png: Vec<u8>,
-    ) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/v1/models/{model_id}/{action}{query}")))
-            .header("content-type", "image/png")
-            .body(png)
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn post_images(
-        &self,
-        model_id: &str,
-        action: &str,
-        query: &str,
-        pngs: Vec<Vec<u8>>,
-    ) -> reqwest::Response {
-        let mut form = reqwest::multipart::Form::new();
-        for (i, png) in pngs.into_iter().enumerate() {
-            let part = reqwest::multipart::Part::bytes(png)
-                .file_name(format!("{i}.png"))
-                .mime_str("image/png")
-                .unwrap();
-            form = form.part("file", part);
-        }
-        self.client
-            .post(self.url(&format!("/v1/models/{model_id}/{action}{query}")))
-            .multipart(form)
-            .send()
-            .await
-            .expect("request sent")
     }
 }
 

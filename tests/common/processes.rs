@@ -7,12 +7,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The API key every spawned process accepts and every request sends.
-pub const TEST_API_KEY: &str = "pretext-scale-out-test-key";
+use super::{Api, TEST_API_KEY};
 
 /// A `pretext` command with the test's API key and plain-text logs.
 fn pretext(args: &[&str], env: &[(String, String)]) -> Command {
@@ -77,8 +75,7 @@ async fn wait_for_line(child: &mut Child, prefix: &str, log: &Arc<Mutex<String>>
 /// `pretext serve` in its own process.
 pub struct ApiProcess {
     pub child: Child,
-    pub address: String,
-    pub client: reqwest::Client,
+    pub api: Api,
     pub log: Arc<Mutex<String>>,
 }
 
@@ -109,97 +106,25 @@ pub async fn start_api(
         .expect("the pretext binary starts");
     let log = keep_log(&mut child);
     let address = wait_for_line(&mut child, "pretext listening on ", &log).await;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {TEST_API_KEY}").parse().unwrap(),
-    );
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
     ApiProcess {
         child,
-        address,
-        client,
+        api: Api::new(address, TEST_API_KEY),
         log,
     }
 }
 
+impl std::ops::Deref for ApiProcess {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
 impl ApiProcess {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.address)
-    }
-
-    pub async fn get_json(&self, path: &str) -> Value {
-        let response = self.client.get(self.url(path)).send().await.unwrap();
-        assert!(
-            response.status().is_success(),
-            "GET {path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
-    }
-
-    pub async fn upload_zip(&self, archive: Vec<u8>) -> Value {
-        let response = self
-            .client
-            .post(self.url("/v1/datasets?name=shapes"))
-            .header("content-type", "application/zip")
-            .body(archive)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        response.json().await.unwrap()
-    }
-
-    pub async fn create_job(&self, body: Value) -> String {
-        let response = self
-            .client
-            .post(self.url("/v1/jobs"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        let job: Value = response.json().await.unwrap();
-        job["id"].as_str().unwrap().to_string()
-    }
-
-    /// Polls a job until `done` holds for it, or panics after `timeout`.
-    pub async fn wait_for_job(
-        &self,
-        id: &str,
-        timeout: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let start = Instant::now();
-        loop {
-            let job = self.get_json(&format!("/v1/jobs/{id}")).await;
-            if done(&job) {
-                return job;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "job {id} did not get there in {timeout:?}: {job:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Polls a job until it ends; panics unless it succeeded.
-    pub async fn wait_for_success(&self, id: &str, timeout: Duration) -> Value {
-        let job = self
-            .wait_for_job(id, timeout, |j| {
-                matches!(
-                    j["state"].as_str(),
-                    Some("succeeded" | "failed" | "cancelled")
-                )
-            })
-            .await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        job
+    /// Kills the process and waits for it to go.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 }
 
@@ -251,6 +176,11 @@ impl WorkerChild {
                 Some(rest.split_whitespace().next()?.to_string())
             })
             .collect()
+    }
+
+    /// Kills the process and waits for it to go.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// Sends SIGTERM.
