@@ -26,7 +26,7 @@ const GLIBC_VARIABLES: [&str; 4] = [
 /// What [`keep_freed_tensor_memory`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocatorTuning {
-    /// The thresholds above are in force.
+    /// The settings above are in force.
     Applied,
     /// One of glibc's `MALLOC_*` variables for these settings was set.
     LeftToEnvironment,
@@ -36,10 +36,11 @@ pub enum AllocatorTuning {
 
 /// Keeps freed tensor memory in the process for the next step: blocks come
 /// from glibc's heaps instead of their own mappings (a thread's heap holds
-/// up to 64 MiB; larger blocks are still mapped on their own), a heap
-/// keeps up to 1 GiB of free memory, and heaps grow 256 MiB at a time. The resident size then stays near its
-/// peak between steps, as with the jemalloc or tcmalloc that PyTorch's
-/// performance guide recommends. Call once at start, before training.
+/// up to 64 MiB; larger blocks are still mapped on their own), a heap keeps
+/// up to 1 GiB of free memory, and heaps grow 256 MiB at a time. The
+/// resident size then stays near its peak between steps, as with the
+/// jemalloc or tcmalloc that PyTorch's performance guide recommends. Call
+/// once at start, before training.
 pub fn keep_freed_tensor_memory() -> AllocatorTuning {
     if GLIBC_VARIABLES
         .iter()
@@ -83,9 +84,11 @@ mod tests {
 
     #[test]
     fn a_48_mib_tensor_buffer_comes_from_the_heap_not_its_own_mapping() {
-        if keep_freed_tensor_memory() != AllocatorTuning::Applied {
-            // The environment chose the thresholds itself.
-            return;
+        match keep_freed_tensor_memory() {
+            AllocatorTuning::Applied => {}
+            // The environment chose the settings itself; glibc follows those.
+            AllocatorTuning::LeftToEnvironment => return,
+            AllocatorTuning::Unavailable => panic!("glibc refused the malloc settings"),
         }
         let before = mmapped_bytes();
         let block = vec![1u8; 48 << 20];
