@@ -209,6 +209,31 @@ async fn a_queued_job_is_cancelled_at_once_and_its_dataset_is_protected_while_qu
     app.stop().await;
 }
 
+/// Progress is recorded in a transaction that locks the job's row, and the
+/// heartbeat updates the same row. A heartbeat that waits for that lock must
+/// not stop the progress transaction from committing: with a one-second lease
+/// (a heartbeat every 333 ms) and a report every few steps, the two meet many
+/// times during this job, and it must still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_progress_reports_never_wait_on_each_other() {
+    let app = spawn_app_with(TestOptions {
+        lease_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    // 33 images: two steps an epoch, and a report at every epoch's end.
+    let dataset_id = labelled_dataset(&app, 11).await;
+    let mut config = quick_pretrain_config();
+    config["epochs"] = json!(1000);
+    config["checkpoint_interval_secs"] = json!(3600);
+    let id = app
+        .create_job_id(json!({"kind": "pretrain", "dataset_id": dataset_id, "config": config}))
+        .await;
+    let job = app.wait_for_success(&id, Duration::from_secs(300)).await;
+    assert_eq!(job["progress"]["step"], 2000, "{job:#}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_stops_within_seconds_of_a_cancel() {
     let app = spawn_app().await;

@@ -335,7 +335,32 @@ impl Worker {
                     }
                 }
             };
+            // The heartbeat is a future of its own, polled beside the
+            // recorder: a renewal waits for the row lock of a progress
+            // transaction, which commits only while the recorder is polled.
+            let renewals = async {
+                loop {
+                    heartbeat.tick().await;
+                    match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
+                        Ok(LeaseStatus::Held {
+                            cancel_requested: true,
+                        }) => stop.request(StopReason::Cancel),
+                        Ok(LeaseStatus::Held {
+                            cancel_requested: false,
+                        }) => {}
+                        Ok(LeaseStatus::Lost) => {
+                            tracing::warn!(job_id = %job.id, "lease lost; stopping");
+                            lease_lost.store(true, Ordering::SeqCst);
+                            stop.request(StopReason::Release);
+                        }
+                        Err(error) => {
+                            tracing::warn!(job_id = %job.id, %error, "heartbeat failed")
+                        }
+                    }
+                }
+            };
             tokio::pin!(recorder);
+            tokio::pin!(renewals);
             let mut recorded = false;
             let mut shutdown_seen = false;
             let result = loop {
@@ -343,18 +368,7 @@ impl Worker {
                     result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
                     // Ends once the training thread lets go of its sender.
                     () = &mut recorder, if !recorded => recorded = true,
-                    _ = heartbeat.tick() => {
-                        match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
-                            Ok(LeaseStatus::Held { cancel_requested: true }) => stop.request(StopReason::Cancel),
-                            Ok(LeaseStatus::Held { cancel_requested: false }) => {}
-                            Ok(LeaseStatus::Lost) => {
-                                tracing::warn!(job_id = %job.id, "lease lost; stopping");
-                                lease_lost.store(true, Ordering::SeqCst);
-                                stop.request(StopReason::Release);
-                            }
-                            Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
-                        }
-                    }
+                    _ = &mut renewals => unreachable!("the heartbeat runs until the job ends"),
                     _ = shutdown.cancelled(), if !shutdown_seen => {
                         shutdown_seen = true;
                         stop.request(StopReason::Release);
