@@ -17,6 +17,7 @@ use crate::auth::rate_limit::RateLimiter;
 use crate::auth::{Auth, Tenant};
 use crate::config::{ServeConfig, WorkerConfig};
 use crate::db::connect_and_migrate;
+use crate::db::job_events::JobEvents;
 use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
@@ -74,12 +75,14 @@ impl Application {
             storage = %storage.url(),
             "pretext ready"
         );
+        let job_events = JobEvents::start(&pool, shutdown.clone()).await;
         let state = AppState {
             pool,
             storage,
             config: Arc::new(config),
             inference,
             workers: worker_count,
+            job_events,
             shutdown: shutdown.clone(),
             auth: Arc::new(auth),
         };

@@ -220,3 +220,59 @@ async fn unknown_jobs_and_bad_ids_are_refused_before_the_stream_starts() {
     assert_eq!(last.data["state"], "cancelled");
     app.stop().await;
 }
+
+/// What the triggers and the listener deliver: a job's id when its state
+/// changes or a metric is added, in commit order, and nothing for a lease
+/// renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_changes_are_notified_and_lease_renewals_are_not() {
+    use pretext::db::job_events::{JobChange, JobEvents};
+
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let dataset = app.upload_zip(zip_archive(&labelled_entries(2, 5))).await;
+    let pretrain =
+        json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": quick_pretrain_config()});
+    let first = app.create_job_id(pretrain.clone()).await;
+    let second = app.create_job_id(pretrain).await;
+    let id = |text: &str| uuid::Uuid::parse_str(text).unwrap();
+
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let events = JobEvents::start(&pool, shutdown.clone()).await;
+    let mut changes = events.subscribe();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("a notification arrives")
+    };
+
+    assert_eq!(app.cancel_job(&first).await.status(), 200);
+    assert_eq!(next().await, JobChange::Job(id(&first)));
+
+    sqlx::query(
+        "insert into job_metrics (job_id, step, epoch, name, value) values ($1, 1, 0, 'loss', 1.5)",
+    )
+    .bind(id(&first))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(next().await, JobChange::Job(id(&first)));
+
+    // A renewed lease of the first job, then a change of the second: only
+    // the second is heard.
+    sqlx::query("update jobs set lease_expires_at = now() + interval '1 minute' where id = $1")
+        .bind(id(&first))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(app.cancel_job(&second).await.status(), 200);
+    assert_eq!(next().await, JobChange::Job(id(&second)));
+
+    shutdown.cancel();
+    pool.close().await;
+    app.stop().await;
+}

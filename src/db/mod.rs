@@ -2,6 +2,7 @@
 //! and the queries of each table family.
 
 pub mod datasets;
+pub mod job_events;
 pub mod jobs;
 pub mod keys;
 pub mod models;

@@ -1,8 +1,10 @@
 //! `GET /v1/jobs/{id}/events`: a job's live progress as Server-Sent Events.
 //!
-//! The stream polls the database (the worker writes progress and metrics
+//! The stream reads the database (the worker writes progress and metrics
 //! there anyway), so it needs nothing from the worker and works whichever
-//! process runs the job. Every event's SSE `id` is the highest `job_metrics`
+//! process runs the job. It reads again when Postgres notifies that the job
+//! changed ([`crate::db::job_events`]), and every few seconds in case a
+//! notification was lost. Every event's SSE `id` is the highest `job_metrics`
 //! id delivered so far; a client that reconnects with `Last-Event-ID` gets the
 //! job's current state and progress, then only the metrics it has not seen.
 
@@ -23,10 +25,14 @@ use super::error::ApiError;
 use super::extract::ApiPath;
 use super::AppState;
 use crate::auth::Tenant;
+use crate::db::job_events::JobChanges;
 use crate::db::jobs::{get_job, list_metrics_after, Job};
 
-/// How often the database is asked for news.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the database is read when no notification came.
+const FALLBACK_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest time between two reads of one stream, however often its job
+/// changes: changes in between are sent together.
+const MIN_READ_INTERVAL: Duration = Duration::from_millis(100);
 /// Comment lines that keep proxies from closing a quiet stream.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// Metric rows read per query; a backlog is read in several pages.
@@ -40,6 +46,8 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let after = last_event_id(&headers)?;
+    // Subscribed before the first read, so no change after it goes unheard.
+    let changes = state.job_events.subscribe();
     if get_job(&state.pool, tenant.id, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job with id {id}")));
     }
@@ -48,11 +56,12 @@ pub async fn stream(
         tenant_id: tenant.id,
         job_id: id,
         shutdown: state.shutdown.clone(),
+        changes,
         last_metric_id: after,
         last_state: None,
         last_progress: None,
         pending: VecDeque::new(),
-        polled: false,
+        last_read: None,
         ended: false,
     };
     let events = futures_util::stream::unfold(watch, |watch| async move {
@@ -96,11 +105,13 @@ struct JobWatch {
     tenant_id: Uuid,
     job_id: Uuid,
     shutdown: CancellationToken,
+    changes: JobChanges,
     last_metric_id: i64,
     last_state: Option<String>,
     last_progress: Option<ProgressEvent>,
     pending: VecDeque<Event>,
-    polled: bool,
+    /// When the database was last read; `None` before the first read.
+    last_read: Option<tokio::time::Instant>,
     ended: bool,
 }
 
@@ -115,13 +126,15 @@ impl JobWatch {
             if self.ended {
                 return None;
             }
-            if self.polled {
+            if let Some(last_read) = self.last_read {
                 tokio::select! {
-                    _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                    _ = self.changes.changed(self.job_id) => {}
+                    _ = tokio::time::sleep(FALLBACK_POLL_INTERVAL) => {}
                     _ = self.shutdown.cancelled() => return None,
                 }
+                tokio::time::sleep_until(last_read + MIN_READ_INTERVAL).await;
             }
-            self.polled = true;
+            self.last_read = Some(tokio::time::Instant::now());
             if let Err(error) = self.poll().await {
                 // The next poll may succeed; the client keeps its connection.
                 tracing::warn!(job_id = %self.job_id, %error, "job events not read");

@@ -26,6 +26,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::middleware::require_key;
 use crate::auth::Auth;
 use crate::config::ServeConfig;
+use crate::db::job_events::JobEvents;
 use crate::ml::inference::InferenceExecutor;
 use crate::storage::Storage;
 use error::ApiError;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub workers: usize,
     /// Cancelled at shutdown; ends long-lived responses (event streams).
     pub shutdown: CancellationToken,
+    /// Notifications of changed jobs, which wake the event streams.
+    pub job_events: JobEvents,
     /// Authentication and rate limiting of `/v1`.
     pub auth: Arc<Auth>,
 }
