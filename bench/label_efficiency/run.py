@@ -607,10 +607,12 @@ def run_task(run, args, jobs, datasets):
 
 
 def pretrain_config(args, task):
-    """The task's defaults, then --pretrain-config, then --epochs."""
+    """The task's defaults, then --pretrain-config, then --epochs, then the
+    task's own --task-config."""
     config = {**DEFAULT_PRETRAIN_BY_TASK[task], **args.pretrain_config}
     if args.epochs is not None:
         config["epochs"] = args.epochs
+    config.update(args.task_config.get(task, {}))
     return config
 
 
@@ -891,6 +893,9 @@ def parse_args():
                     help="JSON merged over every task's default pretrain config")
     ap.add_argument("--epochs", type=int, default=None,
                     help="pretraining epochs of every task (overrides the configs)")
+    ap.add_argument("--task-config", action="append", default=[], metavar="TASK=JSON",
+                    help="JSON merged over one task's pretrain config last, e.g. "
+                         "'simclr={\"epochs\": 35}'; repeat for other tasks")
     ap.add_argument("--finetune-config", default="{}",
                     help=f"JSON merged over the label-efficiency settings "
                          f"{json.dumps(DEFAULT_FINETUNE)}; fields: {', '.join(FINETUNE_FIELDS)}")
@@ -935,6 +940,20 @@ def parse_args():
         setattr(args, name, value)
     if "pretext" in args.pretrain_config:
         ap.error("--pretrain-config must not set pretext; choose the tasks with --tasks")
+    by_task = {}
+    for item in args.task_config:
+        task, sep, text = item.partition("=")
+        if not sep or task not in TASKS:
+            ap.error(f"--task-config takes TASK=JSON with TASK one of {', '.join(TASKS)} "
+                     f"(got {item!r})")
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            ap.error(f"--task-config {task}: not valid JSON: {e}")
+        if not isinstance(value, dict) or "pretext" in value:
+            ap.error(f"--task-config {task}: give a JSON object without pretext")
+        by_task.setdefault(task, {}).update(value)
+    args.task_config = by_task
     extra = sorted(set(args.finetune_config) - set(FINETUNE_FIELDS))
     if extra:
         ap.error(f"--finetune-config: unknown field(s) {', '.join(extra)}; "
