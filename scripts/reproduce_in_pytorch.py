@@ -12,12 +12,11 @@ eval mode. Then it asks the service for the same image's embedding (/embed)
 and, with --classify, class scores (/classify), prints the largest absolute
 difference of each, and exits 1 when one is above 1e-4.
 
-Preprocessing follows src/data/decode.rs (`to_chw_u8`): the shorter side is
-resized to the model's image_size, the centre is cropped to a square, the
-pixels are laid out CHW as uint8 (grey: the image crate's integer sRGB luma),
+Preprocessing follows src/data/decode.rs (`to_chw_u8`): the centre square
+is cropped, then resized to the model's image_size, the pixels are laid out CHW as uint8 (grey: the image crate's integer sRGB luma),
 then divided by 255, the model's mean subtracted and the result divided by
 its std. The resize is only exact when IMAGE already is image_size x
-image_size pixels (then neither side resizes): otherwise PIL's bilinear
+image_size pixels (then nothing is resized): otherwise PIL's bilinear
 filter stands in for the image crate's triangle filter, the pixels differ
 slightly, and so may the outputs. Use an image of the model's size for an
 exact check.
@@ -28,7 +27,6 @@ max-pool); convnet has no torchvision counterpart. Exits 2 on a usage error.
 
 import argparse
 import json
-import math
 import os
 import sys
 import urllib.error
@@ -91,21 +89,18 @@ def build_network(model, state):
 
 
 def to_chw_u8(image, size, channels):
-    """The service's `to_chw_u8`: resize the shorter side, centre-crop, CHW uint8."""
+    """The service's `to_chw_u8`: centre square crop, resize, CHW uint8."""
     width, height = max(image.width, 1), max(image.height, 1)
-    scale = size / min(width, height)
-    # Rust's f64::round rounds halves away from zero; these are positive.
-    new_w = max(math.floor(width * scale + 0.5), size)
-    new_h = max(math.floor(height * scale + 0.5), size)
-    if (new_w, new_h) != (width, height):
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
         print(
             f"warning: the image is {width}x{height}, not {size}x{size}; the resize only "
             "approximates the service's, so outputs may differ",
             file=sys.stderr,
         )
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+        image = image.resize((size, size), Image.BILINEAR)
     if channels == 1:
         if image.mode in ("L", "LA"):
             return pil_to_tensor(image.getchannel("L"))

@@ -48,6 +48,12 @@ pub struct WorkerConfig {
     /// Most pixels (width × height) one image may claim before it is refused.
     #[arg(long, env = "PRETEXT_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
+
+    /// Bytes of decoded pixels the process holds at once, shared by every
+    /// decode (requests, archive ingestion, dataset caches): a decode waits
+    /// for room, and an image that needs more than all of it is refused.
+    #[arg(long, env = "PRETEXT_DECODE_MEMORY_BYTES", default_value_t = crate::data::decode::DEFAULT_DECODE_MEMORY_BYTES)]
+    pub decode_memory_bytes: u64,
 }
 
 /// Configuration of `pretext serve`.
@@ -92,7 +98,7 @@ pub struct ServeConfig {
 
     /// Turn authentication off, for local development only: every request
     /// acts as the `default` tenant.
-    #[arg(long, env = "PRETEXT_INSECURE_NO_AUTH")]
+    #[arg(long, env = "PRETEXT_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_no_auth: bool,
 
     /// Requests per second each API key may send on average; 0 turns the

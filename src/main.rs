@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 use pretext::app::{Application, WorkerProcess};
 use pretext::config::{ServeConfig, WorkerConfig};
+use pretext::data::decode::DecodeBudget;
 use tokio_util::sync::CancellationToken;
 
 /// Self-supervised pretraining and transfer as an HTTP service.
@@ -69,11 +70,15 @@ async fn main() {
     }
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
-        Some(Command::Worker(config)) => exit_on_error(run_workers(config).await),
+        Some(Command::Worker(config)) => {
+            DecodeBudget::install(config.decode_memory_bytes);
+            exit_on_error(run_workers(config).await)
+        }
         Some(Command::Keys(args)) => std::process::exit(pretext::cli::keys::run(args).await),
         Some(Command::Client(command)) => std::process::exit(pretext::cli::run(command).await),
         None => cli.serve,
     };
+    DecodeBudget::install(config.worker.decode_memory_bytes);
     let result = async {
         let app = Application::build(config).await?;
         if let Some(key) = app.generated_key() {

@@ -8,6 +8,7 @@ use std::io::{Cursor, Write};
 use std::path::Path;
 use std::time::Duration;
 
+use common::processes::start_api;
 use common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -575,4 +576,200 @@ async fn hostile_images_sent_for_inference_get_a_clear_4xx() {
         growth >> 20
     );
     app.stop().await;
+}
+
+/// The peak resident memory (`VmHWM`) of process `pid`, in bytes.
+fn peak_resident_bytes(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("procfs is readable");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM is reported");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM is a number");
+    kib * 1024
+}
+
+/// A grey PNG of one flat colour: a few KB on the wire whatever its size.
+fn flat_grey_png(width: u32, height: u32) -> Vec<u8> {
+    png(&image::DynamicImage::ImageLuma8(
+        image::GrayImage::from_pixel(width, height, image::Luma([120])),
+    ))
+}
+
+/// A flat RGB PNG.
+fn flat_rgb_png(width: u32, height: u32) -> Vec<u8> {
+    png(&image::DynamicImage::ImageRgb8(
+        image::RgbImage::from_pixel(width, height, image::Rgb([10, 200, 90])),
+    ))
+}
+
+/// Strips of 1×N and N×1 pixels, from the size of a 28-px model's row to
+/// 40 Mpx (under the pixel limit): each must be refused, never resized.
+const STRIPS: [(u32, u32); 6] = [
+    (40_000_000, 1),
+    (1, 40_000_000),
+    (100_000, 1),
+    (1, 100_000),
+    (5_000, 3),
+    (3, 5_000),
+];
+
+/// Decoded pixels the separate server may hold at once in this test.
+const TEST_DECODE_BUDGET: u64 = 192 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elongated_images_and_heavy_uploads_leave_a_separate_server_alive_within_its_memory_bound()
+{
+    let (database_url, data_dir) = fresh_environment();
+    let budget = TEST_DECODE_BUDGET.to_string();
+    let server = start_api(
+        &database_url,
+        &data_dir,
+        &["--decode-memory-bytes", &budget],
+        &[],
+    )
+    .await;
+    let pid = server.child.id().expect("the server runs");
+
+    // Upload: the strips are skipped for their shape, elongated images within
+    // the ratio (100:1 both ways) are kept and reach the training caches.
+    let mut entries = labelled_entries(8, 21);
+    for (i, (width, height)) in STRIPS.iter().enumerate() {
+        entries.push((format!("disc/strip{i}.png"), flat_grey_png(*width, *height)));
+    }
+    entries.push(("disc/wide.png".into(), flat_rgb_png(3_200, 32)));
+    entries.push(("vertical/tall.png".into(), flat_rgb_png(32, 3_200)));
+    let dataset = server.upload_zip(zip_archive(&entries)).await;
+    let skipped = skipped_reasons(&dataset);
+    for i in 0..STRIPS.len() {
+        let path = format!("disc/strip{i}.png");
+        let reason = skipped
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, r)| r.as_str())
+            .unwrap_or_else(|| panic!("{path} was not skipped: {dataset}"));
+        assert!(reason.contains("100:1"), "{path}: {reason}");
+    }
+    assert_eq!(dataset["num_images"], 8 * CLASSES.len() + 2, "{dataset}");
+
+    // Pretraining and fine-tuning build their caches from those images.
+    let encoder = server
+        .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": quick_pretrain_config()}))
+        .await;
+    let encoder = server
+        .wait_for_success(encoder["id"].as_str().unwrap(), Duration::from_secs(300))
+        .await;
+    let classifier = server
+        .create_job(json!({"kind": "finetune", "dataset_id": dataset["id"],
+            "base_model_id": encoder["model_id"], "config": {"epochs": 1, "batch_size": 8, "image_size": 48}}))
+        .await;
+    let classifier = server
+        .wait_for_success(classifier["id"].as_str().unwrap(), Duration::from_secs(300))
+        .await;
+    let encoder_id = encoder["model_id"].as_str().unwrap().to_string();
+    let classifier_id = classifier["model_id"].as_str().unwrap().to_string();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let probe = png(&shape_image("disc", &mut rng));
+    for (model, route) in [(&encoder_id, "embed"), (&classifier_id, "classify")] {
+        let response = server.post_image(model, route, "", probe.clone()).await;
+        assert_eq!(response.status(), 200, "{route}");
+    }
+
+    // A dataset stored before strips were refused at upload holds one: the
+    // jobs that decode it fail with the reason, and the server stays up.
+    let older = server
+        .upload_zip(zip_archive(&labelled_entries(3, 23)))
+        .await;
+    let older_id = older["id"].as_str().unwrap();
+    let images = data_dir.join("datasets").join(older_id).join("images");
+    let first = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    std::fs::write(&first, flat_grey_png(40_000_000, 1)).unwrap();
+    for (kind, config) in [
+        ("pretrain", quick_pretrain_config()),
+        (
+            "finetune",
+            json!({"epochs": 1, "batch_size": 4, "backbone": "convnet", "image_size": 40}),
+        ),
+    ] {
+        let job = server
+            .create_job(json!({"kind": kind, "dataset_id": older_id, "config": config}))
+            .await;
+        let job = server
+            .wait_for_job(
+                job["id"].as_str().unwrap(),
+                Duration::from_secs(120),
+                |job| job["state"] == "failed" || job["state"] == "succeeded",
+            )
+            .await;
+        assert_eq!(job["state"], "failed", "{kind}: {job}");
+        let error = job["error"].as_str().unwrap();
+        assert!(error.contains("100:1"), "{kind}: {error}");
+    }
+
+    let peak_before = peak_resident_bytes(pid);
+
+    // Every strip, sent to either model, is a 422 that names the limit.
+    for (width, height) in STRIPS {
+        let body = flat_grey_png(width, height);
+        for (model, route) in [(&encoder_id, "embed"), (&classifier_id, "classify")] {
+            let response = server.post_image(model, route, "", body.clone()).await;
+            let problem = assert_problem(response, 422).await;
+            assert!(
+                problem["detail"].as_str().unwrap().contains("100:1"),
+                "{width}×{height} to {route}: {problem}"
+            );
+        }
+    }
+
+    // An archive entry of 480 MB (under the 512 MiB entry limit) is streamed
+    // to disk, not read into memory, and skipped as no image.
+    let mut heavy = labelled_entries(2, 22);
+    heavy.push(("disc/heavy.png".into(), vec![0u8; 480_000_000]));
+    let archive = tar_gz_archive(&heavy);
+    let response = server.upload_raw(archive, "application/gzip", None).await;
+    assert_eq!(response.status(), 201);
+    let stored: Value = response.json().await.unwrap();
+    assert!(
+        skipped_reasons(&stored)
+            .iter()
+            .any(|(p, _)| p == "disc/heavy.png"),
+        "{stored}"
+    );
+
+    // Many large images at once: every decode shares one budget.
+    let large = flat_rgb_png(4_000, 4_000);
+    let requests = (0..8).map(|_| {
+        let images = vec![large.clone(); 3];
+        server.post_images(&encoder_id, "embed", "", images)
+    });
+    for response in futures_util::future::join_all(requests).await {
+        let status = response.status().as_u16();
+        assert!(status == 200 || status == 503, "got {status}");
+    }
+
+    let response = server.get("/healthz").await;
+    assert_eq!(response.status(), 200);
+    let growth = peak_resident_bytes(pid).saturating_sub(peak_before);
+    eprintln!(
+        "separate server: peak resident memory {} MiB before the hostile load, grew by {} MiB (decode budget {} MiB)",
+        peak_before >> 20,
+        growth >> 20,
+        TEST_DECODE_BUDGET >> 20
+    );
+    assert!(
+        growth < TEST_DECODE_BUDGET + (192 << 20),
+        "peak resident memory grew by {} MiB under hostile load",
+        growth >> 20
+    );
+    server.stop().await;
+    remove_environment(&database_url, &data_dir).await;
 }

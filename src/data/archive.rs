@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::decode::{decode_image, is_grayscale};
+use super::decode::{decode_image_file, is_grayscale};
 use super::manifest::{Manifest, ManifestEntry};
 
 /// The archive formats accepted, recognised by their magic bytes.
@@ -71,7 +71,8 @@ pub enum IngestError {
 
 /// Most skipped entries listed in a dataset's description.
 pub const SKIPPED_LISTED: usize = 100;
-/// Largest single entry read into memory.
+/// Largest single entry stored (entries are streamed to disk, never held
+/// in memory whole).
 const MAX_ENTRY_BYTES: u64 = 512 << 20;
 
 /// Recognises an archive by its first bytes.
@@ -152,12 +153,22 @@ impl Scan<'_> {
         }
         let budget = self.limits.max_uncompressed_bytes - self.bytes_read;
         let cap = budget.min(MAX_ENTRY_BYTES);
-        let mut bytes = Vec::new();
-        reader.take(cap + 1).read_to_end(&mut bytes).map_err(|e| {
-            IngestError::Corrupt(format!("the archive is corrupt at `{raw_path}`: {e}"))
-        })?;
-        let len = bytes.len() as u64;
+        let stem = format!("images/{:07}", self.kept.len());
+        let staging = self.dataset_dir.join(format!("{stem}.part"));
+        let len = match stream_entry(reader, &staging, cap) {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                return Err(match e {
+                    EntryError::Read(e) => {
+                        IngestError::Corrupt(format!("the archive is corrupt at `{raw_path}`: {e}"))
+                    }
+                    EntryError::Write(e) => IngestError::Io(e),
+                });
+            }
+        };
         if len > cap {
+            let _ = std::fs::remove_file(&staging);
             if cap == budget {
                 return Err(IngestError::TooLarge(format!(
                     "the archive expands to more than {} bytes; upload a smaller archive or raise PRETEXT_MAX_UNCOMPRESSED_BYTES",
@@ -171,19 +182,24 @@ impl Scan<'_> {
             return Ok(());
         }
         self.bytes_read += len;
-        let image = match decode_image(&bytes, self.limits.max_image_pixels) {
+        let image = match decode_image_file(&staging, self.limits.max_image_pixels) {
             Ok(image) => image,
             Err(reason) => {
+                let _ = std::fs::remove_file(&staging);
                 self.skip(raw_path, reason);
                 return Ok(());
             }
         };
-        let extension = image::guess_format(&bytes)
-            .ok()
-            .and_then(|f| f.extensions_str().first().copied())
+        let extension = image
+            .format
+            .extensions_str()
+            .first()
+            .copied()
             .unwrap_or("img");
-        let file = format!("images/{:07}.{extension}", self.kept.len());
-        crate::storage::write_atomic(&self.dataset_dir.join(&file), &bytes)?;
+        let file = format!("{stem}.{extension}");
+        std::fs::rename(&staging, self.dataset_dir.join(&file)).map_err(|e| {
+            IngestError::Io(anyhow::Error::new(e).context("Failed to store an image"))
+        })?;
         self.kept.push(KeptImage {
             components,
             file,
@@ -193,6 +209,44 @@ impl Scan<'_> {
         });
         Ok(())
     }
+}
+
+/// Why an entry could not be copied out of its archive.
+enum EntryError {
+    /// The archive could not be read there: it is corrupt.
+    Read(std::io::Error),
+    /// The copy could not be written: a problem of this server's disk.
+    Write(anyhow::Error),
+}
+
+/// Copies an entry into `path` as it is read, never holding more than a
+/// small buffer of it, and stops after `cap + 1` bytes; returns the bytes
+/// copied (over `cap` means the entry is too large).
+fn stream_entry(reader: &mut dyn Read, path: &Path, cap: u64) -> Result<u64, EntryError> {
+    let write_error = |e: std::io::Error| {
+        EntryError::Write(
+            anyhow::Error::new(e).context(format!("Failed to write {}", path.display())),
+        )
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(write_error)?;
+    }
+    let mut file = File::create(path).map_err(write_error)?;
+    let mut limited = reader.take(cap + 1);
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut copied = 0u64;
+    loop {
+        let n = match limited.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(EntryError::Read(e)),
+        };
+        file.write_all(&buffer[..n]).map_err(write_error)?;
+        copied += n as u64;
+    }
+    file.sync_all().map_err(write_error)?;
+    Ok(copied)
 }
 
 /// The normal components of an archive path, or `None` when it is absolute or

@@ -1,18 +1,18 @@
 //! Loads a stored dataset into memory as one uint8 tensor `[N, C, S, S]` at the
 //! training resolution. The first load at a given size and channel count
-//! decodes every image in parallel on the rayon pool and keeps the result in
-//! `cache/<size>x<channels>.u8` inside the dataset folder; later loads map
-//! that file instead of decoding again.
+//! decodes every image in parallel on the rayon pool straight into that
+//! tensor (its N·C·S² bytes are allocated once and never copied) and keeps
+//! the result in `cache/<size>x<channels>.u8` inside the dataset folder;
+//! later loads map that file instead of decoding again.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
-use super::decode::{decode_image, to_chw_u8};
+use super::decode::{decode_image_file, to_chw_u8};
 use super::manifest::Manifest;
 use crate::storage::write_atomic_with;
 
@@ -170,14 +170,21 @@ pub fn load_image_set(
     let images = match read_cache(&cache, count, channels, size) {
         Some(images) => images,
         None => {
-            let flat = decode_all(dataset_dir, &manifest, size, channels, max_pixels)?;
-            write_cache(&cache, &flat, count, channels, size);
-            Tensor::from_slice(&flat).view([
-                count as i64,
-                channels as i64,
-                size as i64,
-                size as i64,
-            ])
+            let images = Tensor::empty(
+                [count as i64, channels as i64, size as i64, size as i64],
+                (Kind::Uint8, tch::Device::Cpu),
+            );
+            let numel = images.numel();
+            if numel > 0 {
+                // SAFETY: `images` was just allocated, contiguous uint8 on the
+                // CPU with `numel` bytes, and nothing else refers to it while
+                // this slice lives; every byte is written before it is read.
+                let pixels =
+                    unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut u8, numel) };
+                decode_all_into(pixels, dataset_dir, &manifest, size, channels, max_pixels)?;
+                write_cache(&cache, pixels, count, channels, size);
+            }
+            images
         }
     };
     let labels = manifest
@@ -192,28 +199,26 @@ pub fn load_image_set(
     })
 }
 
-/// Decodes every image of the manifest into one CHW-after-CHW buffer.
-fn decode_all(
+/// Decodes every image of the manifest into `flat`, CHW after CHW: the
+/// dataset's pixels are allocated once, by the caller, and never copied.
+fn decode_all_into(
+    flat: &mut [u8],
     dataset_dir: &Path,
     manifest: &Manifest,
     size: u32,
     channels: u8,
     max_pixels: u64,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<()> {
     let image_len = channels as usize * size as usize * size as usize;
-    let mut flat = vec![0u8; manifest.entries.len() * image_len];
     flat.par_chunks_mut(image_len.max(1))
         .zip(manifest.entries.par_iter())
         .try_for_each(|(out, entry)| {
             let path = dataset_dir.join(&entry.file);
-            let bytes =
-                fs::read(&path).with_context(|| format!("Failed to read {}", path.display()))?;
-            let image = decode_image(&bytes, max_pixels)
+            let image = decode_image_file(&path, max_pixels)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", entry.source))?;
             out.copy_from_slice(&to_chw_u8(&image, size, channels));
             Ok::<_, anyhow::Error>(())
-        })?;
-    Ok(flat)
+        })
 }
 
 /// Turns a batch of uint8 images into normalised floats on `device`.

@@ -161,7 +161,7 @@ async fn infer(
     task: InferenceTask,
     request: Request,
 ) -> Result<InferenceOutput, ApiError> {
-    let arrival = state.inference.announce();
+    let arrival = state.inference.announce().map_err(inference_error)?;
     let images = prepare_images(state, model, request).await?;
     let backbone = Backbone::from_name(&model.backbone).ok_or_else(|| {
         anyhow::anyhow!("model {} has unknown backbone {}", model.id, model.backbone)
@@ -178,17 +178,21 @@ async fn infer(
         .inference
         .run(handle, task, images, arrival)
         .await
-        .map_err(|e| match e {
-            InferenceError::Busy => ApiError::Unavailable {
-                detail: "the inference queue is full; retry shortly".to_string(),
-                retry_after: 1,
-            },
-            InferenceError::Stopped => ApiError::Unavailable {
-                detail: "the inference executor is shutting down".to_string(),
-                retry_after: 5,
-            },
-            InferenceError::Failed(e) => ApiError::Internal(e),
-        })
+        .map_err(inference_error)
+}
+
+fn inference_error(error: InferenceError) -> ApiError {
+    match error {
+        InferenceError::Busy => ApiError::Unavailable {
+            detail: "the inference queue is full; retry shortly".to_string(),
+            retry_after: 1,
+        },
+        InferenceError::Stopped => ApiError::Unavailable {
+            detail: "the inference executor is shutting down".to_string(),
+            retry_after: 5,
+        },
+        InferenceError::Failed(e) => ApiError::Internal(e),
+    }
 }
 
 /// `POST /v1/models/{id}/embed`

@@ -406,13 +406,20 @@ impl InferenceExecutor {
         self.device
     }
 
-    /// Announces a request whose images are still being decoded, so that the
-    /// executor may wait for it to fill a batch.
-    pub fn announce(&self) -> Arrival {
-        self.load.arriving.fetch_add(1, Ordering::SeqCst);
-        Arrival {
+    /// Admits a request before its body is read and its images decoded, so
+    /// that the executor may wait for it to fill a batch: refused with
+    /// [`InferenceError::Busy`] when requests waiting for the executor and
+    /// requests being decoded already fill the queue, so a flood of requests
+    /// costs neither their bodies' memory nor their decodes.
+    pub fn announce(&self) -> Result<Arrival, InferenceError> {
+        let arriving = self.load.arriving.fetch_add(1, Ordering::SeqCst);
+        let arrival = Arrival {
             load: self.load.clone(),
+        };
+        if arriving + self.load.waiting.load(Ordering::SeqCst) >= self.queue_depth {
+            return Err(InferenceError::Busy);
         }
+        Ok(arrival)
     }
 
     /// Runs `task` on preprocessed images, merged with other requests for
