@@ -42,10 +42,11 @@ run: build check-postgres
 bench-train: build check-postgres
 	python3 bench/train_throughput/run.py
 
-## lint: formatting and clippy
+## lint: formatting, clippy, and a build from exactly what docker/Dockerfile copies
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
+	scripts/check_docker_context.sh
 
 BROWSER_TEST_DIR := tests/browser
 CHROMIUM := /usr/bin/chromium
