@@ -395,3 +395,37 @@ async fn ctrl_c_stops_following_but_leaves_the_job_running() {
     assert_eq!(job["state"], "cancelled");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boolean_environment_variables_accept_the_usual_spellings() {
+    for (value, open) in [("1", true), ("yes", true), ("0", false), ("off", false)] {
+        let (database_url, data_dir) = fresh_environment();
+        let server = common::processes::start_api(
+            &database_url,
+            &data_dir,
+            &["--workers", "0"],
+            &[("PRETEXT_INSECURE_NO_AUTH".into(), value.into())],
+        )
+        .await;
+        let anonymous = reqwest::get(server.url("/v1/datasets")).await.unwrap();
+        assert_eq!(
+            anonymous.status().as_u16(),
+            if open { 200 } else { 401 },
+            "PRETEXT_INSECURE_NO_AUTH={value}"
+        );
+        server.stop().await;
+        remove_environment(&database_url, &data_dir).await;
+    }
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_pretext"))
+        .arg("serve")
+        .env("PRETEXT_INSECURE_NO_AUTH", "maybe")
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("maybe") && stderr.contains("insecure-no-auth"),
+        "{stderr}"
+    );
+}
