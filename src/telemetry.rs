@@ -156,14 +156,19 @@ pub fn observe_training_report(device: &str, metrics: &[(String, f64)]) {
     }
 }
 
+/// Sets a device's training throughput to 0: its job's training ended.
+pub fn observe_training_stopped(device: &str) {
+    TELEMETRY
+        .training_throughput
+        .with_label_values(&[device])
+        .set(0.0);
+}
+
 /// Records how long a job took, once a worker has let go of it. A job that
 /// went back to the queue is not finished and is not counted.
 pub fn observe_job_released(job: &Job) {
     if let Some(device) = &job.device {
-        TELEMETRY
-            .training_throughput
-            .with_label_values(&[device])
-            .set(0.0);
+        observe_training_stopped(device);
     }
     if !matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled") {
         return;

@@ -22,6 +22,15 @@ async fn losses_of(app: &TestApp, job_id: &str) -> Vec<f64> {
         .collect()
 }
 
+/// An accuracy measured on `test_images` images: a whole number of them right.
+fn assert_counted_accuracy(value: f64, test_images: usize, what: &str) {
+    let right = value * test_images as f64;
+    assert!(
+        (0.0..=1.0).contains(&value) && (right - right.round()).abs() < 1e-6,
+        "{what} = {value} is not a count out of {test_images} test images"
+    );
+}
+
 async fn pretrain_and_check_loss_falls(pretext: &str, extra: Value) {
     let app = spawn_app().await;
     let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 3))).await;
@@ -47,8 +56,12 @@ async fn pretrain_and_check_loss_falls(pretext: &str, extra: Value) {
     assert_eq!(model["pretext"], pretext);
     assert_eq!(model["kind"], "encoder");
     let accuracy = model["metrics"]["pretext_accuracy"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&accuracy), "{pretext}: {accuracy}");
-    assert!(model["metrics"]["chance_accuracy"].as_f64().unwrap() > 0.0);
+    let chance = model["metrics"]["chance_accuracy"].as_f64().unwrap();
+    assert!(chance > 0.0 && chance < 1.0, "{pretext}: chance {chance}");
+    assert!(
+        accuracy > chance && accuracy <= 1.0,
+        "{pretext}: pretext accuracy {accuracy} does not beat chance {chance}"
+    );
     app.stop().await;
 }
 
@@ -102,7 +115,10 @@ async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
     let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
     for metric in ["knn_accuracy", "linear_accuracy"] {
         let value = encoder["metrics"][metric].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&value), "{metric} = {value}");
+        assert_counted_accuracy(value, 12, metric);
+        // Three classes as different as stripes and discs: far above chance.
+        assert!(value > 0.5, "{metric} = {value}, chance is 1/3");
+        assert_eq!(report["summary"][metric].as_f64(), Some(value), "{report}");
     }
 
     // kNN as its own job, against a separate test dataset.
@@ -120,10 +136,9 @@ async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
     assert!(job["model_id"].is_null(), "an evaluation makes no model");
     assert_eq!(job["report"]["test_images"], 15);
     assert_eq!(job["report"]["train_images"], 60);
-    assert!(
-        job["latest_metrics"]["knn_accuracy"].as_f64().is_some(),
-        "{job}"
-    );
+    let knn = job["latest_metrics"]["knn_accuracy"].as_f64().unwrap();
+    assert_counted_accuracy(knn, 15, "knn_accuracy");
+    assert!(knn > 0.5, "kNN accuracy {knn} on a separate test set");
 
     // Label efficiency: pretrained vs scratch on the same budgets.
     let job = app
@@ -143,23 +158,25 @@ async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
     assert_eq!(budgets, ["1 per class", "5 per class", "100%"]);
     let labels: Vec<i64> = rows.iter().map(|r| r["labels"].as_i64().unwrap()).collect();
     assert_eq!(labels, [3, 15, 48]);
+    let test_images = report["test_images"].as_u64().unwrap() as usize;
+    assert_eq!(test_images, 12, "20% of each class held out");
     for row in rows {
-        let (pretrained, scratch, gain) = (
-            row["pretrained_accuracy"].as_f64().unwrap(),
-            row["scratch_accuracy"].as_f64().unwrap(),
-            row["gain"].as_f64().unwrap(),
-        );
-        assert!(
-            (0.0..=1.0).contains(&pretrained) && (0.0..=1.0).contains(&scratch),
-            "{row}"
-        );
-        assert!((gain - (pretrained - scratch)).abs() < 1e-9);
+        for column in ["pretrained_accuracy", "scratch_accuracy"] {
+            let value = row[column].as_f64().unwrap();
+            assert_counted_accuracy(value, test_images, column);
+        }
     }
-    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    // With every training label, a classifier of stripes and discs beats chance.
+    let all_labels = &rows[2];
     assert!(
-        encoder["metrics"]["label_efficiency_gain_1_per_class"]
-            .as_f64()
-            .is_some(),
+        all_labels["pretrained_accuracy"].as_f64().unwrap() > 0.5,
+        "{all_labels}"
+    );
+    // The encoder carries the report's gains.
+    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    assert_eq!(
+        encoder["metrics"]["label_efficiency_gain_1_per_class"].as_f64(),
+        rows[0]["gain"].as_f64(),
         "{encoder}"
     );
 

@@ -164,6 +164,12 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
 async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() {
     let moto = match start_moto().await {
         Ok(moto) => moto,
+        // Under CI a missing dependency is a failure, not a skip.
+        Err(reason)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            panic!("moto could not be started ({reason}); `make setup` installs moto[server]")
+        }
         Err(reason) => {
             eprintln!(
                 "\n!!!!! SKIPPED an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3: \

@@ -379,6 +379,8 @@ impl Worker {
             if !recorded {
                 recorder.await;
             }
+            // Nothing trains here any more, before the job's end is visible.
+            crate::telemetry::observe_training_stopped(&device_name(self.device));
             result
         };
         let lease_lost = lease_lost.load(Ordering::SeqCst);
