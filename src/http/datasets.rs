@@ -211,7 +211,7 @@ async fn ingest_upload(
     let report = match report.and_then(|r| r.map_err(ApiError::from)) {
         Ok(report) => report,
         Err(error) => {
-            let _ = state.storage.remove_dir(&dataset_dir);
+            let _ = state.storage.remove_dir(&dataset_dir).await;
             return Err(error);
         }
     };

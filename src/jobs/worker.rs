@@ -383,7 +383,10 @@ impl Worker {
         };
         let lease_lost = lease_lost.load(Ordering::SeqCst);
         if lease_lost {
-            let _ = std::fs::remove_dir_all(self.storage.model_dir(model_id));
+            let _ = self
+                .storage
+                .remove_dir(&self.storage.model_dir(model_id))
+                .await;
             return Ok(());
         }
         match result {

@@ -8,6 +8,10 @@
 //! local folder becomes each process's cache (see [`object`]). The
 //! `publish_*`, `fetch_*` and `remove_*` methods are no-ops on the remote side
 //! with `file://`.
+//!
+//! Removing a folder can take a while (a dataset holds thousands of files),
+//! so the `remove_*` methods do it on a blocking thread and callers await
+//! it without stalling the async runtime.
 
 pub mod object;
 
@@ -130,7 +134,7 @@ impl Storage {
 
     /// Removes a dataset's folder here and its shared copy.
     pub async fn remove_dataset(&self, id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.dataset_dir(id))?;
+        self.remove_dir(&self.dataset_dir(id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_dataset(id).await,
             None => Ok(()),
@@ -169,7 +173,7 @@ impl Storage {
 
     /// Removes a model's folder here and its shared copy.
     pub async fn remove_model(&self, id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.model_dir(id))?;
+        self.remove_dir(&self.model_dir(id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_folder(&format!("models/{id}")).await,
             None => Ok(()),
@@ -225,20 +229,30 @@ impl Storage {
 
     /// Removes a job's checkpoint here and its shared copy.
     pub async fn remove_checkpoint(&self, job_id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.job_dir(job_id))?;
+        self.remove_dir(&self.job_dir(job_id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_folder(&format!("jobs/{job_id}")).await,
             None => Ok(()),
         }
     }
 
-    /// Removes a folder and everything in it; a missing folder is not an error.
-    pub fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("Failed to remove {}", dir.display())),
-        }
+    /// Removes a folder and everything in it, on a blocking thread; a missing
+    /// folder is not an error.
+    pub async fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || remove_dir_now(&dir))
+            .await
+            .context("the folder removal thread failed")?
+    }
+}
+
+/// Removes a folder and everything in it on this thread; a missing folder is
+/// not an error. For blocking threads only.
+pub fn remove_dir_now(dir: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("Failed to remove {}", dir.display())),
     }
 }
 
