@@ -104,6 +104,22 @@ pub async fn list_datasets(
     .await
 }
 
+/// Which of `ids` have a dataset row, whatever their tenant.
+pub async fn recorded_dataset_ids(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as("select id from datasets where id = any($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Whether any dataset is recorded, in any tenant.
+pub async fn any_dataset_recorded(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar("select exists (select 1 from datasets)")
+        .fetch_one(pool)
+        .await
+}
+
 /// What happened to a delete request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DeleteOutcome {
