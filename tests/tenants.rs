@@ -125,10 +125,11 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         );
     }
     // The same references to its own things are accepted.
+    let test_set = other.upload_zip(zip_archive(&labelled_entries(2, 3))).await;
     let own = other
         .create_job(json!({"kind": "evaluate", "dataset_id": theirs.dataset,
                            "base_model_id": theirs.model,
-                           "config": {"protocol": "knn", "test_dataset_id": theirs.dataset}}))
+                           "config": {"protocol": "knn", "test_dataset_id": test_set["id"]}}))
         .await;
     let own_id = own["id"].as_str().unwrap();
     assert_eq!(status(other.cancel_job(own_id).await).await, 200);

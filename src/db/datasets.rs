@@ -129,8 +129,10 @@ pub enum DeleteOutcome {
     InUse,
 }
 
-/// Deletes a dataset unless a queued or running job uses it; one statement,
-/// so no job can be claimed on it in between.
+/// Deletes a dataset unless a queued or running job uses it, as its
+/// `dataset_id` or as the `eval_dataset_id` or `test_dataset_id` of its
+/// config; the row is locked first, so no job can be submitted on it in
+/// between.
 pub async fn delete_dataset(
     pool: &PgPool,
     tenant_id: Uuid,
@@ -147,7 +149,12 @@ pub async fn delete_dataset(
         return Ok(DeleteOutcome::NotFound);
     }
     let busy: Option<(Uuid,)> = sqlx::query_as(
-        "select id from jobs where dataset_id = $1 and state in ('queued', 'running') limit 1",
+        "select id from jobs
+         where state in ('queued', 'running')
+           and (dataset_id = $1
+                or config ->> 'eval_dataset_id' = $1::text
+                or config ->> 'test_dataset_id' = $1::text)
+         limit 1",
     )
     .bind(id)
     .fetch_optional(&mut *tx)

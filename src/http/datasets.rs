@@ -277,7 +277,8 @@ pub async fn delete(
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(format!("no dataset with id {id}"))),
         DeleteOutcome::InUse => Err(ApiError::Conflict(format!(
-            "dataset {id} is used by a queued or running job; cancel the job or wait for it to finish"
+            "dataset {id} is used by a queued or running job (as its dataset_id, config.eval_dataset_id \
+             or config.test_dataset_id); cancel the job or wait for it to finish"
         ))),
     }
 }
