@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::keys::ensure_initial_key;
 use crate::auth::rate_limit::RateLimiter;
+use crate::auth::throttle::FailedAuthThrottle;
 use crate::auth::{Auth, Tenant};
 use crate::config::{ServeConfig, WorkerConfig};
 use crate::db::connect_and_migrate;
@@ -124,7 +125,8 @@ impl Application {
     /// requests and for workers to checkpoint and release their jobs.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let app = router(self.state);
+        // Peer addresses, for throttling failed authentications.
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
@@ -296,6 +298,7 @@ async fn authentication(
         let auth = Auth {
             insecure_tenant: Some(tenant),
             limiter,
+            failed_auth: None,
         };
         return Ok((auth, None));
     }
@@ -303,6 +306,10 @@ async fn authentication(
     let auth = Auth {
         insecure_tenant: None,
         limiter,
+        failed_auth: FailedAuthThrottle::new(
+            config.auth_failure_limit,
+            Duration::from_secs(config.auth_failure_window_secs),
+        ),
     };
     Ok((auth, generated))
 }

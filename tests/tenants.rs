@@ -1,6 +1,7 @@
 //! API keys, tenants and request limits: two tenants never see, use, cancel
 //! or delete each other's datasets, jobs and models; requests without a
-//! valid key get 401, too many get 429, too large 413, too slow 504; the
+//! valid key get 401, too many get 429 (as does an address that keeps
+//! presenting bad keys), too large 413, too slow 504; the
 //! `keys` commands and the first start of the real binary hand out keys that
 //! work.
 
@@ -252,6 +253,51 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     // Each key has its own bucket; open routes have none.
     assert_eq!(status(other.get("/v1/datasets").await).await, 200);
     assert_eq!(status(app.get("/healthz").await).await, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_keeps_presenting_bad_keys_is_refused_for_a_window() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        configure: Some(|config| {
+            config.auth_failure_limit = 3;
+            config.auth_failure_window_secs = 2;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let guesser = app.with_key("ptx_a_guess");
+    for _ in 0..3 {
+        assert_problem(guesser.get("/v1/datasets").await, 401).await;
+    }
+    let response = guesser.get("/v1/jobs").await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body = assert_problem(response, 429).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed authentications from this address"),
+        "{body}"
+    );
+    // While refused, no key is looked up: a valid one from the same address
+    // is refused too. Open routes stay open.
+    assert_problem(app.get("/v1/datasets").await, 429).await;
+    assert_eq!(status(app.get("/healthz").await).await, 200);
+    // After the window the valid key works again. Successes between guesses
+    // do not wipe the count: three more bad keys are refused again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for _ in 0..3 {
+        assert_eq!(status(app.get("/v1/datasets").await).await, 200);
+        assert_problem(guesser.get("/v1/datasets").await, 401).await;
+    }
+    assert_problem(app.get("/v1/datasets").await, 429).await;
     app.stop().await;
 }
 
