@@ -71,7 +71,68 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         assert!(!datasets.contains(&foreign.dataset));
     }
 
-    // Reading by id: the owner gets it, the other tenant the answer of a missing id.
+    // Reading by id: the owner gets their own, the other tenant the answer
+    // of a missing id.
+    let dataset = app
+        .get_json(&format!("/v1/datasets/{}", mine.dataset))
+        .await;
+    assert_eq!(dataset["id"], mine.dataset.as_str(), "{dataset}");
+    assert_eq!(
+        (
+            &dataset["name"],
+            &dataset["num_images"],
+            &dataset["classes"]
+        ),
+        (&json!("shapes"), &json!(24), &json!(CLASSES)),
+        "{dataset}"
+    );
+    let job = app.get_json(&format!("/v1/jobs/{}", mine.job)).await;
+    assert_eq!(job["id"], mine.job.as_str(), "{job}");
+    assert_eq!(
+        (&job["kind"], &job["state"]),
+        (&json!("pretrain"), &json!("succeeded")),
+        "{job}"
+    );
+    assert_eq!(job["dataset_id"], mine.dataset.as_str(), "{job}");
+    assert_eq!(job["model_id"], mine.model.as_str(), "{job}");
+    let model = app.get_json(&format!("/v1/models/{}", mine.model)).await;
+    assert_eq!(model["id"], mine.model.as_str(), "{model}");
+    assert_eq!(model["kind"], "encoder", "{model}");
+    assert_eq!(model["job_id"], mine.job.as_str(), "{model}");
+    assert_eq!(model["dataset_id"], mine.dataset.as_str(), "{model}");
+    let metrics = app
+        .get_json(&format!("/v1/jobs/{}/metrics", mine.job))
+        .await;
+    let points = metrics["points"].as_array().expect("a list of points");
+    assert!(
+        points
+            .iter()
+            .any(|p| p["name"].as_str().is_some() && p["value"].is_number()),
+        "the training run's metrics: {metrics}"
+    );
+    let sample = app
+        .get(&format!("/v1/datasets/{}/samples/0", mine.dataset))
+        .await;
+    assert_eq!(sample.status(), 200);
+    let image = image::load_from_memory(&sample.bytes().await.unwrap()).expect("an image");
+    assert_eq!((image.width(), image.height()), (32, 32));
+    let weights = app.get(&format!("/v1/models/{}/weights", mine.model)).await;
+    assert_eq!(weights.status(), 200);
+    let weights = weights.bytes().await.unwrap();
+    assert!(
+        weights.len() > 8 && weights[8] == b'{',
+        "a safetensors file starts with its header's length, then its JSON"
+    );
+    let events = app
+        .get(&format!("/v1/jobs/{}/events", mine.job))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        events.contains(mine.job.as_str()) && events.contains("event: end"),
+        "{events}"
+    );
     let reads = [
         format!("/v1/datasets/{}", mine.dataset),
         format!("/v1/datasets/{}/samples/0", mine.dataset),
@@ -82,7 +143,6 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         format!("/v1/models/{}/weights", mine.model),
     ];
     for path in &reads {
-        assert_eq!(status(app.get(path).await).await, 200, "owner: GET {path}");
         let body = assert_problem(other.get(path).await, 404).await;
         assert!(
             !body["detail"].as_str().unwrap().contains("tenant"),
