@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::keys::ensure_initial_key;
 use crate::auth::rate_limit::RateLimiter;
+use crate::auth::throttle::FailedAuthThrottle;
 use crate::auth::{Auth, Tenant};
 use crate::config::{ServeConfig, WorkerConfig};
 use crate::db::connect_and_migrate;
+use crate::db::datasets::{any_dataset_recorded, recorded_dataset_ids};
 use crate::db::job_events::JobEvents;
 use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::http::{router, AppState};
@@ -48,6 +50,7 @@ impl Application {
             tasks: workers,
         } = Workers::start(&config.worker, &shutdown).await?;
         let worker_count = workers.len();
+        sweep_leftovers(&storage, &pool, leftover_age(&config)).await;
         let (auth, generated_key) = authentication(&pool, &config).await?;
         let inference_device = if config.inference_device == "auto" {
             devices[0]
@@ -122,13 +125,68 @@ impl Application {
     /// requests and for workers to checkpoint and release their jobs.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let app = router(self.state);
+        // Peer addresses, for throttling failed authentications.
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
             .context("the HTTP server failed")?;
         drain_workers(self.workers).await;
         Ok(())
+    }
+}
+
+/// How old an upload file or an unrecorded dataset folder must be before
+/// the start-up sweep removes it: older than the upload deadline, no upload
+/// still running (in this process or another sharing the storage) can own
+/// it. With the deadline off, a day.
+fn leftover_age(config: &ServeConfig) -> Duration {
+    match config.upload_timeout_secs {
+        0 => Duration::from_secs(24 * 3600),
+        secs => Duration::from_secs(secs),
+    }
+}
+
+/// Removes what a process that stopped mid-upload left behind: upload files
+/// in `uploads/`, and dataset folders (here, not their shared copy) that no
+/// row names, once older than `min_age`. With no dataset recorded at all
+/// (a fresh or mistyped database), folders are kept and only counted: they
+/// may belong to another database. A sweep that fails is logged, not fatal.
+async fn sweep_leftovers(storage: &Storage, pool: &sqlx::PgPool, min_age: Duration) {
+    let swept = async {
+        let leftovers = storage.find_leftovers(min_age).await?;
+        for path in &leftovers.uploads {
+            storage.remove_upload(path).await?;
+        }
+        let recorded = recorded_dataset_ids(pool, &leftovers.datasets).await?;
+        let unrecorded: Vec<_> = leftovers
+            .datasets
+            .iter()
+            .filter(|id| !recorded.contains(id))
+            .collect();
+        if !unrecorded.is_empty() && !any_dataset_recorded(pool).await? {
+            tracing::warn!(
+                folders = unrecorded.len(),
+                "dataset folders without a row kept: the database records no dataset at all"
+            );
+            return anyhow::Ok((leftovers.uploads.len(), 0));
+        }
+        for id in &unrecorded {
+            storage.remove_dir(&storage.dataset_dir(**id)).await?;
+        }
+        anyhow::Ok((leftovers.uploads.len(), unrecorded.len()))
+    }
+    .await;
+    match swept {
+        Ok((0, 0)) => {}
+        Ok((uploads, datasets)) => {
+            tracing::info!(
+                uploads,
+                datasets,
+                "removed files left by an interrupted upload"
+            )
+        }
+        Err(error) => tracing::warn!(error = format!("{error:#}"), "leftover files not swept"),
     }
 }
 
@@ -240,6 +298,7 @@ async fn authentication(
         let auth = Auth {
             insecure_tenant: Some(tenant),
             limiter,
+            failed_auth: None,
         };
         return Ok((auth, None));
     }
@@ -247,6 +306,10 @@ async fn authentication(
     let auth = Auth {
         insecure_tenant: None,
         limiter,
+        failed_auth: FailedAuthThrottle::new(
+            config.auth_failure_limit,
+            Duration::from_secs(config.auth_failure_window_secs),
+        ),
     };
     Ok((auth, generated))
 }

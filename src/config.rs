@@ -110,6 +110,18 @@ pub struct ServeConfig {
     #[arg(long, env = "PRETEXT_RATE_LIMIT_BURST", default_value_t = 200)]
     pub rate_limit_burst: u32,
 
+    /// Failed authentications (unknown or revoked keys) one client address
+    /// may make within `--auth-failure-window-secs` before its `/v1`
+    /// requests are refused with 429, without a key lookup, for a window;
+    /// 0 turns the throttle off.
+    #[arg(long, env = "PRETEXT_AUTH_FAILURE_LIMIT", default_value_t = 10)]
+    pub auth_failure_limit: u32,
+
+    /// Seconds over which failed authentications are counted, and for which
+    /// an address over the limit is refused.
+    #[arg(long, env = "PRETEXT_AUTH_FAILURE_WINDOW_SECS", default_value_t = 60)]
+    pub auth_failure_window_secs: u64,
+
     /// Seconds an ordinary request may take before it is answered 504
     /// (uploads and event streams excepted); 0 turns the deadline off.
     #[arg(long, env = "PRETEXT_REQUEST_TIMEOUT_SECS", default_value_t = 60)]

@@ -1,11 +1,16 @@
-//! Uploading datasets: the archive formats and ImageFolder labels, and every
-//! bad input getting its problem+json answer without losing what is stored.
+//! Uploading datasets: the archive formats and ImageFolder labels, every
+//! bad input getting its problem+json answer without losing what is stored,
+//! and uploads cut short (past their deadline, or by a client that goes
+//! away) leaving no file behind.
 
 mod common;
+
+use std::time::{Duration, Instant};
 
 use common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_zip_tar_gz_and_multipart_archives_with_imagefolder_labels() {
@@ -255,4 +260,203 @@ async fn bad_uploads_get_clear_errors_and_lose_nothing() {
         .count();
     assert_eq!(uploads, 0, "partial uploads are removed");
     app.stop().await;
+}
+
+/// An archive whose ingestion takes a few seconds (every image is decoded
+/// and written with an fsync).
+fn slow_archive() -> Vec<u8> {
+    zip_archive(&labelled_entries(1000, 11))
+}
+
+/// Waits for whatever an upload started to wind down, then asserts that it
+/// left no upload file and no dataset folder that no row names.
+async fn assert_nothing_left_behind(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let recorded: Vec<String> = app.get_json("/v1/datasets").await["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect();
+        let uploads = upload_files(&app.data_dir);
+        let unrecorded: Vec<String> = dataset_folders(&app.data_dir)
+            .into_iter()
+            .filter(|folder| !recorded.contains(folder))
+            .collect();
+        if uploads.is_empty() && unrecorded.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: uploads {uploads:?}, dataset folders without a row {unrecorded:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_past_its_deadline_gets_504_and_leaves_no_file_behind() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        configure: Some(|config| config.upload_timeout_secs = 1),
+        ..Default::default()
+    })
+    .await;
+    // Half the archive, then nothing more.
+    let archive = zip_archive(&labelled_entries(10, 1));
+    let mut stream = start_raw_upload(&app, "application/zip", archive.len()).await;
+    stream
+        .write_all(&archive[..archive.len() / 2])
+        .await
+        .unwrap();
+    let answer = read_answer_until(&mut stream, "PRETEXT_UPLOAD_TIMEOUT_SECS").await;
+    assert!(
+        answer.to_lowercase().starts_with("http/1.1 504"),
+        "{answer}"
+    );
+    assert_nothing_left_behind(&app).await;
+
+    // The whole archive, in time, but ingestion outlasts the deadline.
+    let archive = slow_archive();
+    let mut stream = start_raw_upload(&app, "application/zip", archive.len()).await;
+    stream.write_all(&archive).await.unwrap();
+    let answer = read_answer_until(&mut stream, "PRETEXT_UPLOAD_TIMEOUT_SECS").await;
+    assert!(
+        answer.to_lowercase().starts_with("http/1.1 504"),
+        "{answer}"
+    );
+    assert_nothing_left_behind(&app).await;
+    let list = app.get_json("/v1/datasets").await;
+    assert_eq!(list["datasets"], json!([]), "a 504 stores nothing");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_goes_away_leaves_no_file_behind() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    // Gone mid-body, once the server is writing the upload to disk.
+    let archive = zip_archive(&labelled_entries(10, 2));
+    let mut stream = start_raw_upload(&app, "application/zip", archive.len()).await;
+    stream
+        .write_all(&archive[..archive.len() / 2])
+        .await
+        .unwrap();
+    wait_until(
+        "the upload reaches the disk",
+        Duration::from_secs(10),
+        || !upload_files(&app.data_dir).is_empty(),
+    )
+    .await;
+    drop(stream);
+    assert_nothing_left_behind(&app).await;
+
+    // Gone with the whole body sent, once ingestion is writing images.
+    let archive = slow_archive();
+    let mut stream = start_raw_upload(&app, "application/zip", archive.len()).await;
+    stream.write_all(&archive).await.unwrap();
+    wait_until("ingestion starts", Duration::from_secs(10), || {
+        !dataset_folders(&app.data_dir).is_empty()
+    })
+    .await;
+    drop(stream);
+    assert_nothing_left_behind(&app).await;
+
+    // Uploads that stay go on working.
+    app.upload_zip(zip_archive(&labelled_entries(2, 3))).await;
+    assert_nothing_left_behind(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_sweeps_old_upload_files_and_old_dataset_folders_without_a_row() {
+    let (database_url, data_dir) = fresh_environment();
+    let options = TestOptions {
+        workers: 0,
+        environment: Some((database_url.clone(), data_dir.clone())),
+        ..Default::default()
+    };
+    // What a process that stopped mid-upload two hours ago left behind, and
+    // what one uploading now (sharing the storage) is writing.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    let old_id = |offset: u32| {
+        let secs = two_hours_ago
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, offset))
+    };
+    let folder = |id: uuid::Uuid| data_dir.join(format!("datasets/{id}"));
+    for sub in ["uploads", "datasets"] {
+        std::fs::create_dir_all(data_dir.join(sub)).unwrap();
+    }
+    let (old_upload, new_upload) = (
+        data_dir.join("uploads/old.part"),
+        data_dir.join("uploads/new.part"),
+    );
+    for path in [&old_upload, &new_upload] {
+        std::fs::write(path, b"half an archive").unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&old_upload)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let (old_orphan, new_orphan) = (old_id(0), uuid::Uuid::now_v7());
+    for id in [old_orphan, new_orphan] {
+        std::fs::create_dir_all(folder(id).join("images")).unwrap();
+    }
+
+    // A first start: the old upload file goes; with no dataset recorded at
+    // all, no folder is taken for an orphan.
+    let app = spawn_app_with(options.clone()).await;
+    assert!(
+        !old_upload.exists(),
+        "an upload file older than the upload deadline is removed"
+    );
+    assert!(
+        new_upload.exists(),
+        "a fresh upload file may be another process's"
+    );
+    assert!(folder(old_orphan).exists() && folder(new_orphan).exists());
+    let kept = app.upload_zip(zip_archive(&labelled_entries(2, 4))).await;
+    let kept = kept["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap();
+    // An old dataset that has its row.
+    let recorded = old_id(1);
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::query(
+        "insert into datasets (id, name, num_images, labeled, channels, classes, class_counts,
+                               skipped, skipped_count, bytes, median_side, tenant_id)
+         select $1, 'old', num_images, labeled, channels, classes, class_counts, skipped,
+                skipped_count, bytes, median_side, tenant_id
+         from datasets where id = $2",
+    )
+    .bind(recorded)
+    .bind(kept)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    std::fs::create_dir_all(folder(recorded).join("images")).unwrap();
+    app.stop().await;
+
+    // A second start: the old folder without a row goes, nothing else.
+    let app = spawn_app_with(options).await;
+    assert!(
+        !folder(old_orphan).exists(),
+        "an old folder without a row is removed"
+    );
+    for id in [new_orphan, recorded, kept] {
+        assert!(folder(id).exists(), "{id} is kept");
+    }
+    assert!(new_upload.exists());
+    let sample = app.get(&format!("/v1/datasets/{kept}/samples/0")).await;
+    assert_eq!(sample.status(), 200);
+    app.stop().await;
+    remove_environment(&database_url, &data_dir).await;
 }

@@ -1,6 +1,7 @@
 //! API keys, tenants and request limits: two tenants never see, use, cancel
 //! or delete each other's datasets, jobs and models; requests without a
-//! valid key get 401, too many get 429, too large 413, too slow 504; the
+//! valid key get 401, too many get 429 (as does an address that keeps
+//! presenting bad keys), too large 413, too slow 504; the
 //! `keys` commands and the first start of the real binary hand out keys that
 //! work.
 
@@ -70,7 +71,68 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         assert!(!datasets.contains(&foreign.dataset));
     }
 
-    // Reading by id: the owner gets it, the other tenant the answer of a missing id.
+    // Reading by id: the owner gets their own, the other tenant the answer
+    // of a missing id.
+    let dataset = app
+        .get_json(&format!("/v1/datasets/{}", mine.dataset))
+        .await;
+    assert_eq!(dataset["id"], mine.dataset.as_str(), "{dataset}");
+    assert_eq!(
+        (
+            &dataset["name"],
+            &dataset["num_images"],
+            &dataset["classes"]
+        ),
+        (&json!("shapes"), &json!(24), &json!(CLASSES)),
+        "{dataset}"
+    );
+    let job = app.get_json(&format!("/v1/jobs/{}", mine.job)).await;
+    assert_eq!(job["id"], mine.job.as_str(), "{job}");
+    assert_eq!(
+        (&job["kind"], &job["state"]),
+        (&json!("pretrain"), &json!("succeeded")),
+        "{job}"
+    );
+    assert_eq!(job["dataset_id"], mine.dataset.as_str(), "{job}");
+    assert_eq!(job["model_id"], mine.model.as_str(), "{job}");
+    let model = app.get_json(&format!("/v1/models/{}", mine.model)).await;
+    assert_eq!(model["id"], mine.model.as_str(), "{model}");
+    assert_eq!(model["kind"], "encoder", "{model}");
+    assert_eq!(model["job_id"], mine.job.as_str(), "{model}");
+    assert_eq!(model["dataset_id"], mine.dataset.as_str(), "{model}");
+    let metrics = app
+        .get_json(&format!("/v1/jobs/{}/metrics", mine.job))
+        .await;
+    let points = metrics["points"].as_array().expect("a list of points");
+    assert!(
+        points
+            .iter()
+            .any(|p| p["name"].as_str().is_some() && p["value"].is_number()),
+        "the training run's metrics: {metrics}"
+    );
+    let sample = app
+        .get(&format!("/v1/datasets/{}/samples/0", mine.dataset))
+        .await;
+    assert_eq!(sample.status(), 200);
+    let image = image::load_from_memory(&sample.bytes().await.unwrap()).expect("an image");
+    assert_eq!((image.width(), image.height()), (32, 32));
+    let weights = app.get(&format!("/v1/models/{}/weights", mine.model)).await;
+    assert_eq!(weights.status(), 200);
+    let weights = weights.bytes().await.unwrap();
+    assert!(
+        weights.len() > 8 && weights[8] == b'{',
+        "a safetensors file starts with its header's length, then its JSON"
+    );
+    let events = app
+        .get(&format!("/v1/jobs/{}/events", mine.job))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        events.contains(mine.job.as_str()) && events.contains("event: end"),
+        "{events}"
+    );
     let reads = [
         format!("/v1/datasets/{}", mine.dataset),
         format!("/v1/datasets/{}/samples/0", mine.dataset),
@@ -81,7 +143,6 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         format!("/v1/models/{}/weights", mine.model),
     ];
     for path in &reads {
-        assert_eq!(status(app.get(path).await).await, 200, "owner: GET {path}");
         let body = assert_problem(other.get(path).await, 404).await;
         assert!(
             !body["detail"].as_str().unwrap().contains("tenant"),
@@ -125,10 +186,11 @@ async fn tenants_never_see_or_touch_each_others_datasets_jobs_and_models() {
         );
     }
     // The same references to its own things are accepted.
+    let test_set = other.upload_zip(zip_archive(&labelled_entries(2, 3))).await;
     let own = other
         .create_job(json!({"kind": "evaluate", "dataset_id": theirs.dataset,
                            "base_model_id": theirs.model,
-                           "config": {"protocol": "knn", "test_dataset_id": theirs.dataset}}))
+                           "config": {"protocol": "knn", "test_dataset_id": test_set["id"]}}))
         .await;
     let own_id = own["id"].as_str().unwrap();
     assert_eq!(status(other.cancel_job(own_id).await).await, 200);
@@ -251,6 +313,51 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     // Each key has its own bucket; open routes have none.
     assert_eq!(status(other.get("/v1/datasets").await).await, 200);
     assert_eq!(status(app.get("/healthz").await).await, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_keeps_presenting_bad_keys_is_refused_for_a_window() {
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        configure: Some(|config| {
+            config.auth_failure_limit = 3;
+            config.auth_failure_window_secs = 2;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let guesser = app.with_key("ptx_a_guess");
+    for _ in 0..3 {
+        assert_problem(guesser.get("/v1/datasets").await, 401).await;
+    }
+    let response = guesser.get("/v1/jobs").await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body = assert_problem(response, 429).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed authentications from this address"),
+        "{body}"
+    );
+    // While refused, no key is looked up: a valid one from the same address
+    // is refused too. Open routes stay open.
+    assert_problem(app.get("/v1/datasets").await, 429).await;
+    assert_eq!(status(app.get("/healthz").await).await, 200);
+    // After the window the valid key works again. Successes between guesses
+    // do not wipe the count: three more bad keys are refused again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for _ in 0..3 {
+        assert_eq!(status(app.get("/v1/datasets").await).await, 200);
+        assert_problem(guesser.get("/v1/datasets").await, 401).await;
+    }
+    assert_problem(app.get("/v1/datasets").await, 429).await;
     app.stop().await;
 }
 

@@ -1,9 +1,13 @@
-//! The gate in front of every `/v1` route: the bearer key is looked up by
-//! its hash (401 when missing, malformed, unknown or revoked), the key's
-//! bucket is charged (429 when empty), and the key's [`Tenant`] is handed to
-//! the handlers as a request extension.
+//! The gate in front of every `/v1` route: a client address that failed
+//! authentication too often is refused first (429, no lookup), then the
+//! bearer key is looked up by its hash (401 when missing, malformed, unknown
+//! or revoked; the last two count against the address), the key's bucket is
+//! charged (429 when empty), and the key's [`Tenant`] is handed to the
+//! handlers as a request extension.
 
-use axum::extract::{Request, State};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -43,19 +47,34 @@ fn bearer_key(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(key)
 }
 
-/// The tenant of the request's key, and the id its rate is counted under.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(Tenant, Uuid), ApiError> {
+/// The address failed authentications are counted under: the peer's, or
+/// for a router served without connection info, one shared by all.
+fn client_address(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
+}
+
+/// The tenant of the request's key, and the id its rate is counted under;
+/// an unknown or revoked key counts as a failure of `client`.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    client: IpAddr,
+) -> Result<(Tenant, Uuid), ApiError> {
     if let Some(tenant) = &state.auth.insecure_tenant {
         return Ok((tenant.clone(), tenant.id));
     }
     let key = bearer_key(headers)?;
-    let owner = find_live_key(&state.pool, &hash_key(key))
-        .await?
-        .ok_or_else(|| {
-            ApiError::Unauthorized(format!(
-                "the API key is unknown or revoked: {HOW_TO_AUTHENTICATE}"
-            ))
-        })?;
+    let Some(owner) = find_live_key(&state.pool, &hash_key(key)).await? else {
+        if let Some(throttle) = &state.auth.failed_auth {
+            throttle.record_failure(client);
+        }
+        return Err(ApiError::Unauthorized(format!(
+            "the API key is unknown or revoked: {HOW_TO_AUTHENTICATE}"
+        )));
+    };
     let stale = owner
         .last_used_at
         .is_none_or(|at| Utc::now() - at >= LAST_USED_RESOLUTION);
@@ -75,14 +94,29 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(Tenant, 
     Ok((tenant, owner.key_id))
 }
 
-/// Middleware on every `/v1` route: authenticates, rate-limits, and inserts
-/// the [`Tenant`] for the handlers.
+/// Middleware on every `/v1` route: throttles addresses that keep failing,
+/// authenticates, rate-limits, and inserts the [`Tenant`] for the handlers.
 pub async fn require_key(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let (tenant, bucket) = match authenticate(&state, request.headers()).await {
+    let client = client_address(&request);
+    if let Some(throttle) = &state.auth.failed_auth {
+        if let Err(wait) = throttle.check(client) {
+            let retry_after = retry_after_secs(wait);
+            return ApiError::TooManyRequests {
+                detail: format!(
+                    "too many failed authentications from this address; retry after \
+                     {retry_after} s with a valid API key ({HOW_TO_AUTHENTICATE}); the server's \
+                     --auth-failure-limit and --auth-failure-window-secs set how many and how long"
+                ),
+                retry_after,
+            }
+            .into_response();
+        }
+    }
+    let (tenant, bucket) = match authenticate(&state, request.headers(), client).await {
         Ok(found) => found,
         Err(error) => return error.into_response(),
     };

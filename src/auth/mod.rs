@@ -1,15 +1,18 @@
 //! Who is asking: API keys (generation, hashing, the key stored at first
 //! start), the middleware that turns `Authorization: Bearer <key>` into the
-//! key's [`Tenant`] on every `/v1` route, and the per-key rate limiter.
+//! key's [`Tenant`] on every `/v1` route, the per-key rate limiter, and the
+//! throttle on addresses that keep presenting bad keys.
 //!
 //! # Layout
 //! - `keys`: making a key, its hash and its listed prefix; the first-start key.
 //! - `middleware`: the `/v1` gate (401, 429) and the [`Tenant`] extractor.
 //! - `rate_limit`: an in-memory token bucket per key.
+//! - `throttle`: failed authentications counted per client address.
 
 pub mod keys;
 pub mod middleware;
 pub mod rate_limit;
+pub mod throttle;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -17,6 +20,7 @@ use uuid::Uuid;
 
 use crate::http::error::ApiError;
 use rate_limit::RateLimiter;
+use throttle::FailedAuthThrottle;
 
 /// The tenant a request acts for; every dataset, job and model it reads or
 /// writes belongs to this tenant.
@@ -45,4 +49,7 @@ pub struct Auth {
     pub insecure_tenant: Option<Tenant>,
     /// `None` when rate limiting is off.
     pub limiter: Option<RateLimiter>,
+    /// `None` when failed authentications are not throttled (or
+    /// authentication is off).
+    pub failed_auth: Option<FailedAuthThrottle>,
 }

@@ -104,6 +104,22 @@ pub async fn list_datasets(
     .await
 }
 
+/// Which of `ids` have a dataset row, whatever their tenant.
+pub async fn recorded_dataset_ids(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as("select id from datasets where id = any($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Whether any dataset is recorded, in any tenant.
+pub async fn any_dataset_recorded(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar("select exists (select 1 from datasets)")
+        .fetch_one(pool)
+        .await
+}
+
 /// What happened to a delete request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DeleteOutcome {
@@ -113,8 +129,10 @@ pub enum DeleteOutcome {
     InUse,
 }
 
-/// Deletes a dataset unless a queued or running job uses it; one statement,
-/// so no job can be claimed on it in between.
+/// Deletes a dataset unless a queued or running job uses it, as its
+/// `dataset_id` or as the `eval_dataset_id` or `test_dataset_id` of its
+/// config; the row is locked first, so no job can be submitted on it in
+/// between.
 pub async fn delete_dataset(
     pool: &PgPool,
     tenant_id: Uuid,
@@ -131,7 +149,12 @@ pub async fn delete_dataset(
         return Ok(DeleteOutcome::NotFound);
     }
     let busy: Option<(Uuid,)> = sqlx::query_as(
-        "select id from jobs where dataset_id = $1 and state in ('queued', 'running') limit 1",
+        "select id from jobs
+         where state in ('queued', 'running')
+           and (dataset_id = $1
+                or config ->> 'eval_dataset_id' = $1::text
+                or config ->> 'test_dataset_id' = $1::text)
+         limit 1",
     )
     .bind(id)
     .fetch_optional(&mut *tx)

@@ -1,6 +1,7 @@
 //! `/v1/datasets`: archive uploads streamed to disk, then ingested on a
 //! blocking thread; listing, reading and deleting datasets.
 
+use anyhow::Context;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
@@ -160,9 +161,11 @@ pub async fn upload(
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let upload_path = state.storage.new_upload_path();
-    let result = ingest_upload(&state, &tenant, params, request, &upload_path).await;
-    let _ = tokio::fs::remove_file(&upload_path).await;
+    // Removed below once answered, or in the background when this future is
+    // dropped first (past the deadline, or the client went away).
+    let upload = state.storage.new_upload();
+    let result = ingest_upload(&state, &tenant, params, request, upload.path()).await;
+    upload.remove().await;
     let dataset = result?;
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/datasets/{}", dataset.id)) {
@@ -196,37 +199,45 @@ async fn ingest_upload(
                     .into(),
             )
         })?;
-    let id = Uuid::now_v7();
-    let dataset_dir = state.storage.dataset_dir(id);
+    // Until its row is written the folder is a draft: discarded on an error,
+    // and removed in the background if this future is dropped first.
+    let draft = state.storage.draft_dataset();
+    let id = draft.id();
     let limits = ArchiveLimits {
         max_entries: state.config.max_archive_entries,
         max_uncompressed_bytes: state.config.max_uncompressed_bytes,
         max_image_pixels: state.config.worker.max_image_pixels,
     };
     let archive = upload_path.to_path_buf();
-    let dir = dataset_dir.clone();
-    let report = tokio::task::spawn_blocking(move || ingest_archive(&archive, kind, &dir, limits))
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let report = ingest_archive(&archive, kind, &draft.dir(), limits);
+        // When the request was abandoned meanwhile, nobody receives this and
+        // the draft is dropped here, after the last write into its folder.
+        let _ = sender.send((report, draft));
+    });
+    let (report, draft) = receiver
         .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("ingestion thread failed: {e}")));
-    let report = match report.and_then(|r| r.map_err(ApiError::from)) {
-        Ok(report) => report,
-        Err(error) => {
-            let _ = state.storage.remove_dir(&dataset_dir);
-            return Err(error);
-        }
-    };
-    if let Err(error) = state.storage.publish_dataset(id).await {
-        let _ = state.storage.remove_dataset(id).await;
-        return Err(error.context("Failed to share the dataset").into());
+        .map_err(|_| ApiError::Internal(anyhow::anyhow!("the ingestion thread failed")))?;
+    let stored = async {
+        let report = report?;
+        state
+            .storage
+            .publish_dataset(id)
+            .await
+            .context("Failed to share the dataset")?;
+        Ok::<_, ApiError>(insert_dataset(&state.pool, tenant.id, id, &name, &report).await?)
     }
-    match insert_dataset(&state.pool, tenant.id, id, &name, &report).await {
+    .await;
+    match stored {
         Ok(dataset) => {
+            draft.keep();
             tracing::info!(dataset_id = %id, images = dataset.num_images, "dataset stored");
             Ok(dataset)
         }
         Err(error) => {
-            let _ = state.storage.remove_dataset(id).await;
-            Err(error.into())
+            draft.discard().await;
+            Err(error)
         }
     }
 }
@@ -266,7 +277,8 @@ pub async fn delete(
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(format!("no dataset with id {id}"))),
         DeleteOutcome::InUse => Err(ApiError::Conflict(format!(
-            "dataset {id} is used by a queued or running job; cancel the job or wait for it to finish"
+            "dataset {id} is used by a queued or running job (as its dataset_id, config.eval_dataset_id \
+             or config.test_dataset_id); cancel the job or wait for it to finish"
         ))),
     }
 }

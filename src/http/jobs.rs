@@ -145,6 +145,14 @@ async fn evaluate_config(
     let config = parse_config::<EvaluateConfigRequest>(config)?
         .resolve()
         .map_err(ApiError::fields)?;
+    if config.test_dataset_id == Some(dataset.id) {
+        return Err(ApiError::field(
+            "config.test_dataset_id",
+            "is dataset_id itself: the probe would be tested on the images it was fitted on; \
+             name a separate labelled dataset, or omit it to hold out config.test_fraction \
+             of dataset_id",
+        ));
+    }
     if let Some(id) = config.test_dataset_id {
         labelled_dataset(state, tenant, id, "config.test_dataset_id").await?;
     }

@@ -29,7 +29,7 @@ use crate::ml::backbone::Backbone;
 use crate::ml::device::device_name;
 use crate::ml::evaluate::{
     evaluate_frozen, load_trunk, run_label_efficiency, EncoderSource, EvaluationData,
-    FrozenProtocols,
+    EvaluationReport, FrozenProtocols,
 };
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
@@ -385,11 +385,17 @@ impl Worker {
         };
         let lease_lost = lease_lost.load(Ordering::SeqCst);
         if lease_lost {
-            let _ = std::fs::remove_dir_all(self.storage.model_dir(model_id));
+            let _ = self
+                .storage
+                .remove_dir(&self.storage.model_dir(model_id))
+                .await;
             return Ok(());
         }
         match result {
-            Ok(TrainingOutcome::Finished(artifact)) => {
+            Ok(TrainingOutcome::Finished(mut artifact)) => {
+                if let Some(report) = artifact.report.as_mut() {
+                    flag_pretraining_data_in_online_evaluation(&job, report);
+                }
                 if let Err(error) = self.storage.publish_model(model_id).await {
                     self.storage.remove_model(model_id).await?;
                     let end = JobEnd::Retryable(format!("{error:#}"));
@@ -421,7 +427,11 @@ impl Worker {
                     }
                 }
             }
-            Ok(TrainingOutcome::Evaluated(report)) => {
+            Ok(TrainingOutcome::Evaluated(mut report)) => {
+                if let Some(model) = &base {
+                    self.flag_test_images_seen_in_training(&job, model, &mut report)
+                        .await?;
+                }
                 progress.step = progress.steps;
                 progress.epoch = progress.epochs;
                 if finish_evaluated(&self.pool, &job, self.id, &report, progress).await? {
@@ -467,6 +477,43 @@ impl Worker {
             self.storage.fetch_model(base.id).await?;
         }
         self.storage.fetch_checkpoint(job.id).await
+    }
+
+    /// Flags an evaluate job's report when its test images come from a
+    /// dataset the evaluated model, or a model it was fine-tuned from, was
+    /// trained on: the test set named, else the dataset split by
+    /// `test_fraction`.
+    async fn flag_test_images_seen_in_training(
+        &self,
+        job: &Job,
+        model: &Model,
+        report: &mut EvaluationReport,
+    ) -> anyhow::Result<()> {
+        let Some(test_source) = config_dataset(job, "test_dataset_id").or(job.dataset_id) else {
+            return Ok(());
+        };
+        let mut lineage = Some(model.clone());
+        // A fine-tuning chain is short; the bound only guards against a cycle.
+        for _ in 0..16 {
+            let Some(current) = lineage.take() else {
+                break;
+            };
+            if current.dataset_id == Some(test_source) {
+                report.test_images_seen_in_pretraining = true;
+                report.note = Some(format!(
+                    "the test images come from dataset {test_source}, which model {} was trained \
+                     on: its features have seen them, so these accuracies may be optimistic; \
+                     for an unbiased number, set config.test_dataset_id to a labelled dataset \
+                     the model never trained on",
+                    current.id
+                ));
+                return Ok(());
+            }
+            if let Some(base_id) = current.base_model_id {
+                lineage = get_model(&self.pool, job.tenant_id, base_id).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Shares a checkpoint the training thread just wrote, before its step is
@@ -621,6 +668,29 @@ impl Worker {
                 _ = shutdown.cancelled() => {}
             }
         }
+    }
+}
+
+/// A dataset id in a job's config (`eval_dataset_id`, `test_dataset_id`).
+fn config_dataset(job: &Job, field: &str) -> Option<Uuid> {
+    job.config
+        .0
+        .get(field)
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Flags the report of a pretrain job evaluated on its own pretraining
+/// dataset: accepted, since the encoder never saw the labels, but said.
+fn flag_pretraining_data_in_online_evaluation(job: &Job, report: &mut EvaluationReport) {
+    if job.dataset_id.is_some() && config_dataset(job, "eval_dataset_id") == job.dataset_id {
+        report.test_images_seen_in_pretraining = true;
+        report.note = Some(
+            "config.eval_dataset_id is the pretraining dataset: the encoder has seen these test \
+             images (without their labels) while pretraining, so these accuracies may be \
+             optimistic; for an unbiased number, name a labelled dataset it never trained on"
+                .to_string(),
+        );
     }
 }
 

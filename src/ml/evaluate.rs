@@ -61,6 +61,13 @@ pub struct EvaluationReport {
     pub summary: BTreeMap<String, f64>,
     pub train_images: usize,
     pub test_images: usize,
+    /// The test images come from a dataset the evaluated model (or a model
+    /// it was fine-tuned from) was trained on; `note` says which.
+    #[serde(default)]
+    pub test_images_seen_in_pretraining: bool,
+    /// Why the report is flagged and how to get an unbiased number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Labelled images split into train and test, labels aligned on one class list.
@@ -345,6 +352,8 @@ pub fn evaluate_frozen(
         summary,
         train_images: split.train.len(),
         test_images: split.test.len(),
+        test_images_seen_in_pretraining: false,
+        note: None,
     }))
 }
 
@@ -560,6 +569,8 @@ pub fn run_label_efficiency(
         summary,
         train_images: split.train.len(),
         test_images: split.test.len(),
+        test_images_seen_in_pretraining: false,
+        note: None,
     }))
 }
 

@@ -8,12 +8,17 @@
 //! local folder becomes each process's cache (see [`object`]). The
 //! `publish_*`, `fetch_*` and `remove_*` methods are no-ops on the remote side
 //! with `file://`.
+//!
+//! Removing a folder can take a while (a dataset holds thousands of files),
+//! so the `remove_*` methods do it on a blocking thread and callers await
+//! it without stalling the async runtime.
 
 pub mod object;
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use uuid::Uuid;
@@ -30,6 +35,8 @@ pub struct Storage {
 const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
 const CHECKPOINT_STATE: &str = "checkpoint.json";
 const MODEL_WEIGHTS: &str = "weights.safetensors";
+/// The extension of an upload being received.
+const UPLOAD_EXTENSION: &str = "part";
 
 impl Storage {
     /// Opens storage from its URL: `file://<folder>` (the default when
@@ -96,11 +103,27 @@ impl Storage {
         self.root.join("jobs").join(id.to_string())
     }
 
-    /// A fresh path for an upload being streamed to disk.
-    pub fn new_upload_path(&self) -> PathBuf {
-        self.root
-            .join("uploads")
-            .join(format!("{}.part", Uuid::now_v7()))
+    /// A fresh file for an upload being streamed to disk; it is removed when
+    /// the returned guard is, at the latest.
+    pub fn new_upload(&self) -> UploadFile {
+        UploadFile {
+            path: self
+                .root
+                .join("uploads")
+                .join(format!("{}.{UPLOAD_EXTENSION}", Uuid::now_v7())),
+            removed: false,
+        }
+    }
+
+    /// A fresh dataset id and its folder, to be filled before the dataset's
+    /// row exists; the folder is removed with the returned guard unless it
+    /// is kept.
+    pub fn draft_dataset(&self) -> DatasetDraft {
+        DatasetDraft {
+            storage: self.clone(),
+            id: Uuid::now_v7(),
+            kept: false,
+        }
     }
 
     /// Shares a freshly ingested dataset folder.
@@ -130,7 +153,7 @@ impl Storage {
 
     /// Removes a dataset's folder here and its shared copy.
     pub async fn remove_dataset(&self, id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.dataset_dir(id))?;
+        self.remove_dir(&self.dataset_dir(id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_dataset(id).await,
             None => Ok(()),
@@ -169,7 +192,7 @@ impl Storage {
 
     /// Removes a model's folder here and its shared copy.
     pub async fn remove_model(&self, id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.model_dir(id))?;
+        self.remove_dir(&self.model_dir(id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_folder(&format!("models/{id}")).await,
             None => Ok(()),
@@ -225,19 +248,203 @@ impl Storage {
 
     /// Removes a job's checkpoint here and its shared copy.
     pub async fn remove_checkpoint(&self, job_id: Uuid) -> anyhow::Result<()> {
-        self.remove_dir(&self.job_dir(job_id))?;
+        self.remove_dir(&self.job_dir(job_id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_folder(&format!("jobs/{job_id}")).await,
             None => Ok(()),
         }
     }
 
-    /// Removes a folder and everything in it; a missing folder is not an error.
-    pub fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("Failed to remove {}", dir.display())),
+    /// Upload files and dataset folders here that are older than `min_age`,
+    /// as left by a process that stopped mid-upload: uploads by their last
+    /// write, dataset folders by the time in their (v7) id. Whether a dataset
+    /// has a row is the caller's to tell; folders with other names (a fetch's
+    /// temporary siblings) are never listed.
+    pub async fn find_leftovers(&self, min_age: Duration) -> anyhow::Result<Leftovers> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || scan_leftovers(&root, min_age, SystemTime::now()))
+            .await
+            .context("the storage scan thread failed")?
+    }
+
+    /// Removes a file left in `uploads/`, on a blocking thread.
+    pub async fn remove_upload(&self, path: &Path) -> anyhow::Result<()> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("Failed to remove {}", path.display()))
+            }
+            _ => Ok(()),
+        })
+        .await
+        .context("the file removal thread failed")?
+    }
+
+    /// Removes a folder and everything in it, on a blocking thread; a missing
+    /// folder is not an error.
+    pub async fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || remove_dir_now(&dir))
+            .await
+            .context("the folder removal thread failed")?
+    }
+}
+
+/// What [`Storage::find_leftovers`] found.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// Upload files not written to for longer than the age asked for.
+    pub uploads: Vec<PathBuf>,
+    /// Datasets with a folder here whose id was made longer ago than the age asked for.
+    pub datasets: Vec<Uuid>,
+}
+
+fn scan_leftovers(root: &Path, min_age: Duration, now: SystemTime) -> anyhow::Result<Leftovers> {
+    let old = |at: SystemTime| now.duration_since(at).is_ok_and(|age| age >= min_age);
+    let mut found = Leftovers::default();
+    let uploads = root.join("uploads");
+    for entry in
+        fs::read_dir(&uploads).with_context(|| format!("Failed to list {}", uploads.display()))?
+    {
+        let entry = entry?;
+        let path = entry.path();
+        let is_upload = path.extension().is_some_and(|e| e == UPLOAD_EXTENSION);
+        if is_upload && entry.metadata()?.modified().is_ok_and(old) {
+            found.uploads.push(path);
+        }
+    }
+    let datasets = root.join("datasets");
+    for entry in
+        fs::read_dir(&datasets).with_context(|| format!("Failed to list {}", datasets.display()))?
+    {
+        let entry = entry?;
+        let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| Uuid::parse_str(n).ok())
+        else {
+            continue;
+        };
+        let Some(made) = id.get_timestamp() else {
+            continue;
+        };
+        let (secs, nanos) = made.to_unix();
+        let made = UNIX_EPOCH + Duration::new(secs, nanos);
+        if entry.file_type()?.is_dir() && old(made) {
+            found.datasets.push(id);
+        }
+    }
+    Ok(found)
+}
+
+/// Removes a folder and everything in it on this thread; a missing folder is
+/// not an error. For blocking threads only.
+pub fn remove_dir_now(dir: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("Failed to remove {}", dir.display())),
+    }
+}
+
+/// An archive being received into `uploads/`. [`UploadFile::remove`] removes
+/// it once the request is answered; dropped without that (the request ran
+/// past its deadline, or its client went away mid-body), it removes the
+/// file in the background.
+#[derive(Debug)]
+pub struct UploadFile {
+    path: PathBuf,
+    removed: bool,
+}
+
+impl UploadFile {
+    /// Where the archive is written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the file, on a blocking thread (unlinking gigabytes takes a moment).
+    pub async fn remove(mut self) {
+        self.removed = true;
+        let path = self.path.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_upload_now(&path)).await;
+    }
+}
+
+impl Drop for UploadFile {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let path = self.path.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_upload_now(&path))),
+            Err(_) => remove_upload_now(&path),
+        }
+    }
+}
+
+fn remove_upload_now(path: &Path) {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "upload file not removed");
+        }
+        _ => {}
+    }
+}
+
+/// A dataset's folder before its row exists: [`DatasetDraft::keep`] once the
+/// row is written, [`DatasetDraft::discard`] when the upload fails. Dropped
+/// without either (the request ran past its deadline or lost its client), it
+/// removes the folder here and its shared copy in the background, so that no
+/// folder outlives a dataset that was never recorded.
+#[derive(Debug)]
+pub struct DatasetDraft {
+    storage: Storage,
+    id: Uuid,
+    kept: bool,
+}
+
+impl DatasetDraft {
+    /// The dataset's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The dataset's folder.
+    pub fn dir(&self) -> PathBuf {
+        self.storage.dataset_dir(self.id)
+    }
+
+    /// Keeps the folder: the dataset's row is written.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+
+    /// Removes the folder here and its shared copy, now.
+    pub async fn discard(mut self) {
+        self.kept = true;
+        if let Err(error) = self.storage.remove_dataset(self.id).await {
+            tracing::warn!(dataset_id = %self.id, error = format!("{error:#}"), "unrecorded dataset not removed");
+        }
+    }
+}
+
+impl Drop for DatasetDraft {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let (storage, id) = (self.storage.clone(), self.id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
+                if let Err(error) = storage.remove_dataset(id).await {
+                    tracing::warn!(dataset_id = %id, error = format!("{error:#}"), "unrecorded dataset not removed");
+                }
+            })),
+            Err(_) => {
+                let _ = remove_dir_now(&storage.dataset_dir(id));
+            }
         }
     }
 }
@@ -278,4 +485,67 @@ pub fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_are_old_upload_files_and_old_dataset_folders_named_by_v7_ids() {
+        let root = tempfile::tempdir().unwrap();
+        let storage = Storage::open(root.path()).unwrap();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let two_hours_ago = now - 2 * hour;
+        let secs = two_hours_ago.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let old_id = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
+
+        let old_upload = storage.new_upload();
+        let fresh_upload = storage.new_upload();
+        let not_an_upload = storage.root().join("uploads/notes.txt");
+        for path in [old_upload.path(), fresh_upload.path(), &not_an_upload] {
+            fs::write(path, b"bytes").unwrap();
+        }
+        for path in [old_upload.path(), &not_an_upload] {
+            let file = fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(two_hours_ago).unwrap();
+        }
+        let v4_id = Uuid::new_v4();
+        for id in [old_id, Uuid::now_v7(), v4_id] {
+            fs::create_dir_all(storage.dataset_dir(id)).unwrap();
+        }
+        let staging = temporary_sibling(&storage.dataset_dir(old_id));
+        fs::create_dir_all(&staging).unwrap();
+
+        let found = scan_leftovers(storage.root(), hour, now).unwrap();
+        assert_eq!(found.uploads, [old_upload.path().to_path_buf()]);
+        assert_eq!(found.datasets, [old_id]);
+    }
+
+    #[tokio::test]
+    async fn an_upload_file_goes_with_its_guard_and_a_kept_draft_stays() {
+        let root = tempfile::tempdir().unwrap();
+        let storage = Storage::open(root.path()).unwrap();
+        let upload = storage.new_upload();
+        let path = upload.path().to_path_buf();
+        fs::write(&path, b"half an archive").unwrap();
+        drop(upload);
+        let (kept, dropped) = (storage.draft_dataset(), storage.draft_dataset());
+        let (kept_dir, dropped_dir) = (kept.dir(), dropped.dir());
+        for dir in [&kept_dir, &dropped_dir] {
+            fs::create_dir_all(dir.join("images")).unwrap();
+        }
+        kept.keep();
+        drop(dropped);
+        for _ in 0..100 {
+            if !path.exists() && !dropped_dir.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!path.exists(), "the upload file is removed");
+        assert!(!dropped_dir.exists(), "a dropped draft's folder is removed");
+        assert!(kept_dir.exists(), "a kept draft's folder stays");
+    }
 }

@@ -351,3 +351,79 @@ pub fn python() -> PathBuf {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
         })
 }
+
+/// The upload files being received (or left behind) in a data folder's `uploads/`.
+pub fn upload_files(data_dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data_dir.join("uploads"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "part"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The names of the folders in a data folder's `datasets/`.
+pub fn dataset_folders(data_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("datasets"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits up to `timeout` for `condition` to hold; panics saying `what` otherwise.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A connection that has sent the head of `POST /v1/datasets` with a
+/// `Content-Length` of `length` and no body yet, for tests of clients that
+/// stall or go away.
+pub async fn start_raw_upload(
+    api: &Api,
+    content_type: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = api.address.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/datasets HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TEST_API_KEY}\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads a raw HTTP answer until it contains `needle` (10 s at most between reads).
+pub async fn read_answer_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(needle) {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            read > 0,
+            "the connection closed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
