@@ -1,6 +1,6 @@
 //! Jobs: validation of what is submitted, cancellation of queued and running
 //! jobs, and a job whose process was killed being picked up again after its
-//! lease expired and resuming from its checkpoint.
+//! lease expired, resuming from its checkpoint and recording each step once.
 
 mod common;
 
@@ -300,6 +300,14 @@ async fn start_binary(
     (child, address)
 }
 
+/// Steps at which a pretraining job of `steps_per_epoch` steps an epoch and
+/// `total` steps reports its metrics: every 10 steps and at each epoch's end.
+fn report_steps(steps_per_epoch: i64, total: i64) -> Vec<i64> {
+    (1..=total)
+        .filter(|s| s % 10 == 0 || s % steps_per_epoch == 0 || *s == total)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_expires() {
     let (database_url, data_dir) = fresh_environment();
@@ -317,10 +325,14 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
         .json()
         .await
         .unwrap();
+    // 36 images in batches of 4: nine steps an epoch. The first epoch's end
+    // is checkpointed; the next checkpoint would wait for an hour.
+    let total_steps = 200;
     let mut config = quick_pretrain_config();
     config["epochs"] = json!(1000);
-    config["max_steps"] = json!(120);
+    config["max_steps"] = json!(total_steps);
     config["batch_size"] = json!(4);
+    config["checkpoint_interval_secs"] = json!(3600);
     let job: Value = client
         .post(format!("{address}/v1/jobs"))
         .json(&json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": config}))
@@ -332,8 +344,9 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
         .unwrap();
     let id = job["id"].as_str().unwrap().to_string();
 
-    // Wait for a checkpoint, then kill the process without warning.
-    let mut checkpoint_step = 0;
+    // Wait until metrics of a step after the checkpoint are recorded (they
+    // will be reported again after the resume), then kill without warning.
+    let mut progress = Value::Null;
     for _ in 0..600 {
         let job: Value = client
             .get(format!("{address}/v1/jobs/{id}"))
@@ -343,19 +356,21 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
             .json()
             .await
             .unwrap();
-        checkpoint_step = job["progress"]["checkpoint_step"].as_i64().unwrap();
-        // 36 images in batches of 4: the first epoch ends, reports and checkpoints at step 9.
-        if checkpoint_step >= 9 {
+        progress = job["progress"].clone();
+        let checkpoint_step = progress["checkpoint_step"].as_i64().unwrap();
+        if checkpoint_step >= 9 && progress["step"].as_i64().unwrap() > checkpoint_step {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        checkpoint_step >= 9,
-        "no end-of-epoch checkpoint was written"
-    );
     child.kill().await.unwrap();
     child.wait().await.unwrap();
+    let checkpoint_step = progress["checkpoint_step"].as_i64().unwrap();
+    let killed_at = progress["step"].as_i64().unwrap();
+    assert!(
+        checkpoint_step >= 9 && killed_at > checkpoint_step,
+        "no step after an end-of-epoch checkpoint was recorded: {progress}"
+    );
 
     // A new process picks the job up once the lease has expired.
     let app = spawn_app_with(TestOptions {
@@ -364,50 +379,59 @@ async fn a_job_killed_mid_training_resumes_from_its_checkpoint_after_the_lease_e
         ..Default::default()
     })
     .await;
-    let lowest_step_after_restart = std::cell::Cell::new(i64::MAX);
-    let job = app
-        .wait_for_job(&id, Duration::from_secs(180), |j| {
-            if j["attempts"] == 2 && j["state"] == "running" {
-                let step = j["progress"]["step"].as_i64().unwrap();
-                lowest_step_after_restart.set(lowest_step_after_restart.get().min(step));
-            }
-            matches!(j["state"].as_str(), Some("succeeded" | "failed"))
-        })
-        .await;
+    let mut seen_resumed = Vec::new();
+    let started = std::time::Instant::now();
+    let job = loop {
+        let job = app.job(&id).await;
+        if job["attempts"] == 2 && job["state"] == "running" {
+            seen_resumed.push(job["progress"]["step"].as_i64().unwrap());
+        }
+        if matches!(job["state"].as_str(), Some("succeeded" | "failed")) {
+            break job;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the job did not end: {job:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["attempts"], 2, "the retry is counted");
-    assert_eq!(job["progress"]["step"], 120);
-    let lowest = lowest_step_after_restart.get();
+    assert_eq!(job["progress"]["step"], total_steps);
+    assert!(
+        !seen_resumed.is_empty(),
+        "the second attempt was never seen running"
+    );
+    let lowest = *seen_resumed.iter().min().unwrap();
     assert!(
         lowest >= checkpoint_step,
-        "progress went back to {lowest} from checkpoint {checkpoint_step}"
+        "the second attempt went back to step {lowest} from checkpoint {checkpoint_step}"
     );
-    // The metrics of the first attempt survived; the second attempt started at the checkpoint.
-    let metrics = app
-        .get_json(&format!("/v1/jobs/{id}/metrics?name=loss"))
-        .await;
-    let steps: Vec<i64> = metrics["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["step"].as_i64().unwrap())
-        .collect();
-    assert!(
-        steps.iter().any(|&s| s <= checkpoint_step),
-        "first attempt's metrics kept: {steps:?}"
-    );
-    let before: Vec<i64> = steps
-        .iter()
-        .copied()
-        .filter(|&s| s <= checkpoint_step)
-        .collect();
-    let mut unique = before.clone();
-    unique.dedup();
-    assert_eq!(
-        before, unique,
-        "steps up to the checkpoint were not trained twice: {steps:?}"
-    );
-    assert_eq!(*steps.last().unwrap(), 120);
+
+    // Steps between the checkpoint and the kill were trained twice, and
+    // recorded once: one point per step for every metric.
+    let metrics = app.get_json(&format!("/v1/jobs/{id}/metrics")).await;
+    let mut steps_by_name: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for point in metrics["points"].as_array().unwrap() {
+        steps_by_name
+            .entry(point["name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(point["step"].as_i64().unwrap());
+    }
+    let expected = report_steps(9, total_steps);
+    for name in [
+        "loss",
+        "pretext_accuracy",
+        "learning_rate",
+        "images_per_second",
+        "batch_wait_ms",
+    ] {
+        assert_eq!(
+            steps_by_name.get(name),
+            Some(&expected),
+            "`{name}` has one point per reported step (killed at {killed_at}, resumed from {checkpoint_step})"
+        );
+    }
     let model = app
         .get_json(&format!("/v1/models/{}", job["model_id"].as_str().unwrap()))
         .await;

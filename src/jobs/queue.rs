@@ -106,7 +106,8 @@ pub async fn renew_lease(
     })
 }
 
-/// Records progress and metric values; `false` if the lease is no longer held.
+/// Records progress and metric values (one point per step and name: a value
+/// already recorded for the step is kept); `false` if the lease is no longer held.
 pub async fn record_progress(
     pool: &PgPool,
     job_id: Uuid,
@@ -135,15 +136,20 @@ pub async fn record_progress(
     if updated.rows_affected() == 0 {
         return Ok(false);
     }
+    // A step trained again after a resume keeps the point recorded the first
+    // time: the event stream's ids only grow, so a client never sees a step twice.
     for (name, value) in metrics.iter().filter(|(_, v)| v.is_finite()) {
-        sqlx::query("insert into job_metrics (job_id, step, epoch, name, value) values ($1, $2, $3, $4, $5)")
-            .bind(job_id)
-            .bind(step)
-            .bind(epoch as i32)
-            .bind(name)
-            .bind(value)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "insert into job_metrics (job_id, step, epoch, name, value) values ($1, $2, $3, $4, $5)
+             on conflict (job_id, step, name) do nothing",
+        )
+        .bind(job_id)
+        .bind(step)
+        .bind(epoch as i32)
+        .bind(name)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(true)

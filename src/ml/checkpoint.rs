@@ -1,7 +1,8 @@
 //! Reading and writing weights as `.safetensors`.
 //!
-//! A job's checkpoint holds every variable of its network; a model's weights
-//! hold only what the model keeps (the trunk, plus `fc.*` for a classifier),
+//! A job's checkpoint holds every variable of its network, the optimizer's
+//! state and the step it was written at, so a resumed job trains on exactly
+//! as one that never stopped; a model's weights hold only what the model keeps (the trunk, plus `fc.*` for a classifier),
 //! named like torchvision's so they load in PyTorch, with the
 //! `num_batches_tracked` counters torchvision's batch-norm layers expect.
 
@@ -12,6 +13,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
+use super::optimizer::AdamW;
 use super::training::{StopReason, TrainingContext, TrainingEvent};
 use crate::storage::{write_atomic, write_atomic_with};
 
@@ -64,10 +66,25 @@ pub fn save_model_weights(
 /// Copies tensors from `path` into the variables of `vs` whose names pass
 /// `wanted`; each wanted variable must be present with the same shape.
 pub fn load_vars(vs: &VarStore, path: &Path, wanted: impl Fn(&str) -> bool) -> anyhow::Result<()> {
-    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+    copy_into_vars(vs, &read_named(path)?, path, wanted)
+}
+
+/// Every tensor stored in `path`, by name.
+fn read_named(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
         .with_context(|| format!("Failed to read weights {}", path.display()))?
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// Copies `stored` (read from `path`) into the variables of `vs` whose names
+/// pass `wanted`.
+fn copy_into_vars(
+    vs: &VarStore,
+    stored: &HashMap<String, Tensor>,
+    path: &Path,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
             if !wanted(&name) {
@@ -90,6 +107,11 @@ pub fn load_vars(vs: &VarStore, path: &Path, wanted: impl Fn(&str) -> bool) -> a
     })
 }
 
+/// Prefix of the optimizer's state in a checkpoint's weights file.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+/// Name of the step a checkpoint's weights file was written at.
+const STEP_KEY: &str = "checkpoint.step";
+
 /// Where a job's training stood when its checkpoint was written.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -97,7 +119,12 @@ pub struct CheckpointState {
     pub step: i64,
 }
 
-/// A job's checkpoint: weights and the state next to them.
+/// A job's checkpoint: one file with the network's variables, the
+/// optimizer's state and the step, and `checkpoint.json` beside it.
+///
+/// The optimizer's state travels in the weights file rather than a file of
+/// its own so that weights and moments are always replaced together, and so
+/// that whatever copies a checkpoint between workers copies both.
 pub struct JobCheckpoint<'a> {
     dir: &'a Path,
 }
@@ -116,21 +143,63 @@ impl<'a> JobCheckpoint<'a> {
         self.dir.join("checkpoint.json")
     }
 
-    /// Writes weights first, then the state: the state is only ever read
-    /// beside weights at least as new as itself.
-    pub fn save(&self, vs: &VarStore, state: CheckpointState) -> anyhow::Result<()> {
-        save_vars(vs, &self.weights(), |_| true)?;
+    /// Writes weights (with the optimizer's state) first, then the state:
+    /// the state is only ever read beside weights at least as new as itself.
+    pub fn save(
+        &self,
+        vs: &VarStore,
+        optimizer: &AdamW,
+        state: CheckpointState,
+    ) -> anyhow::Result<()> {
+        let mut named = cpu_variables(vs, |_| true);
+        named.extend(
+            optimizer
+                .state()
+                .into_iter()
+                .map(|(name, t)| (format!("{OPTIMIZER_PREFIX}{name}"), t)),
+        );
+        named.push((STEP_KEY.to_string(), Tensor::from(state.step)));
+        write_named(named, &self.weights())?;
         write_atomic(&self.state(), &serde_json::to_vec(&state)?)
     }
 
-    /// Restores the last checkpoint into `vs`, if there is one.
-    pub fn restore(&self, vs: &VarStore) -> anyhow::Result<Option<CheckpointState>> {
+    /// Restores the last checkpoint into `vs` and `optimizer`, if there is
+    /// one. The weights file carries its own step, and wins: it can be newer
+    /// than `checkpoint.json` when a process died between the two writes, or
+    /// when a copy paired an older state with newer weights.
+    pub fn restore(
+        &self,
+        vs: &VarStore,
+        optimizer: &mut AdamW,
+    ) -> anyhow::Result<Option<CheckpointState>> {
         let Ok(bytes) = std::fs::read(self.state()) else {
             return Ok(None);
         };
-        let state: CheckpointState =
+        let mut state: CheckpointState =
             serde_json::from_slice(&bytes).context("Failed to parse checkpoint.json")?;
-        load_vars(vs, &self.weights(), |_| true)?;
+        let path = self.weights();
+        let stored = read_named(&path)?;
+        copy_into_vars(vs, &stored, &path, |_| true)?;
+        let optimizer_state: HashMap<String, Tensor> = stored
+            .iter()
+            .filter_map(|(name, t)| {
+                let name = name.strip_prefix(OPTIMIZER_PREFIX)?;
+                Some((name.to_string(), t.shallow_clone()))
+            })
+            .collect();
+        if optimizer_state.is_empty() {
+            tracing::warn!(
+                checkpoint = %path.display(),
+                "the checkpoint holds no optimizer state; its moments start again from zero"
+            );
+        } else {
+            optimizer.load_state(&optimizer_state).with_context(|| {
+                format!("Failed to restore the optimizer from {}", path.display())
+            })?;
+        }
+        if let Some(step) = stored.get(STEP_KEY) {
+            state.step = i64::try_from(step).context("the checkpoint's step is not an integer")?;
+        }
         Ok(Some(state))
     }
 }
@@ -162,9 +231,13 @@ impl<'a> CheckpointSchedule<'a> {
         }
     }
 
-    /// Restores the last checkpoint into `vs`; returns the step to start at.
-    pub fn resume(&self, vs: &VarStore) -> anyhow::Result<i64> {
-        Ok(self.checkpoint.restore(vs)?.map_or(0, |s| s.step))
+    /// Restores the last checkpoint into `vs` and `optimizer`; returns the
+    /// step to start at.
+    pub fn resume(&self, vs: &VarStore, optimizer: &mut AdamW) -> anyhow::Result<i64> {
+        Ok(self
+            .checkpoint
+            .restore(vs, optimizer)?
+            .map_or(0, |s| s.step))
     }
 
     /// Called after each step (`done` steps completed): checkpoints when due
@@ -174,6 +247,7 @@ impl<'a> CheckpointSchedule<'a> {
         &mut self,
         ctx: &TrainingContext,
         vs: &VarStore,
+        optimizer: &AdamW,
         done: i64,
         epoch_end: bool,
         total: i64,
@@ -186,7 +260,8 @@ impl<'a> CheckpointSchedule<'a> {
         let epoch_due =
             epoch_end && done < total && (!self.written || since_last >= EPOCH_CHECKPOINT_SPACING);
         if epoch_due || since_last >= self.interval || stop.is_some() {
-            self.checkpoint.save(vs, CheckpointState { step: done })?;
+            self.checkpoint
+                .save(vs, optimizer, CheckpointState { step: done })?;
             ctx.emit(TrainingEvent::Checkpoint { step: done });
             self.last = std::time::Instant::now();
             self.written = true;

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
 use super::finetune::{augment, evaluate_classifier};
+use super::optimizer::AdamW;
 use super::pretrain::{epoch_order, step_rng};
 use super::training::{
     cosine_learning_rate, InputSpec, PermanentError, StopReason, TrainingContext, TrainingEvent,
@@ -245,11 +246,7 @@ pub fn linear_probe_accuracy(
         num_classes,
         Default::default(),
     );
-    let mut optimizer = nn::AdamW {
-        wd: 1e-4,
-        ..Default::default()
-    }
-    .build(&vs, learning_rate)?;
+    let mut optimizer = AdamW::new(&vs, learning_rate, 1e-4)?;
     let n = train.size()[0] as usize;
     let batch = 256.min(n).max(1);
     let steps_per_epoch = n.div_ceil(batch) as i64;
@@ -408,11 +405,7 @@ fn fit_and_test(
         load_vars(&vs, source.weights, |name| !name.starts_with("fc."))
             .context("Failed to load the encoder")?;
     }
-    let mut optimizer = nn::AdamW {
-        wd: settings.weight_decay,
-        ..Default::default()
-    }
-    .build(&vs, settings.learning_rate)?;
+    let mut optimizer = AdamW::new(&vs, settings.learning_rate, settings.weight_decay)?;
     let batch = (settings.batch_size as usize).min(train.len()).max(1);
     let steps_per_epoch = (train.len() / batch).max(1) as i64;
     let total = settings.epochs * steps_per_epoch;

@@ -7,15 +7,16 @@ use std::path::Path;
 
 use anyhow::Context;
 use rand::Rng;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use super::backbone::features;
 use super::checkpoint::{load_vars, save_model_weights, CheckpointSchedule};
+use super::optimizer::AdamW;
 use super::pretrain::epoch_order;
 use super::training::{
-    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, TrainingContext,
-    TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
+    TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
@@ -162,11 +163,7 @@ pub fn run_finetune(
             }
         }
     }
-    let mut optimizer = nn::AdamW {
-        wd: config.weight_decay,
-        ..Default::default()
-    }
-    .build(&vs, config.learning_rate)?;
+    let mut optimizer = AdamW::new(&vs, config.learning_rate, config.weight_decay)?;
     let classify = |images: &Tensor, train: bool| -> Tensor {
         let feats = if linear {
             tch::no_grad(|| features(&trunk, images, false))
@@ -183,7 +180,7 @@ pub fn run_finetune(
         total_steps = total_steps.min(max_steps);
     }
     let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
-    let start_step = checkpoints.resume(&vs)?;
+    let start_step = checkpoints.resume(&vs, &mut optimizer)?;
     ctx.emit(TrainingEvent::Plan {
         epochs: config.epochs,
         steps: total_steps,
@@ -219,6 +216,7 @@ pub fn run_finetune(
         }
         let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
         let labels = Tensor::from_slice(&labels).to_device(ctx.device);
+        seed_step(config.seed, step);
         let logits = classify(&images, true);
         let loss = logits.cross_entropy_for_logits(&labels);
         let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
@@ -267,7 +265,9 @@ pub fn run_finetune(
                 metrics,
             });
         }
-        if let Some(reason) = checkpoints.after_step(ctx, &vs, done, epoch_end, total_steps)? {
+        if let Some(reason) =
+            checkpoints.after_step(ctx, &vs, &optimizer, done, epoch_end, total_steps)?
+        {
             return Ok(TrainingOutcome::Stopped(reason));
         }
     }

@@ -1,7 +1,7 @@
 //! LibTorch models and everything that runs them: backbones, the pretext
-//! tasks, the training loops for pretraining and fine-tuning,
-//! checkpoints, and inference. Code in here runs only on dedicated OS threads
-//! that own their tensors; async code talks to it through channels.
+//! tasks, the training loops for pretraining and fine-tuning, their
+//! optimizer, checkpoints, and inference. Code in here runs only on dedicated
+//! OS threads that own their tensors; async code talks to it through channels.
 
 pub mod allocator;
 pub mod backbone;
@@ -10,6 +10,7 @@ pub mod device;
 pub mod evaluate;
 pub mod finetune;
 pub mod inference;
+pub mod optimizer;
 pub mod prefetch;
 pub mod pretext;
 pub mod pretrain;

@@ -9,17 +9,18 @@ use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
 use super::device::channels_last_weights;
 use super::evaluate::{evaluate_frozen, EvaluationData, FrozenProtocols};
+use super::optimizer::AdamW;
 use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
-    cosine_learning_rate, InputSpec, ModelArtifact, PermanentError, RunningMeans, StopReason,
-    TrainingContext, TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
+    StopReason, TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::load_image_set;
 use crate::jobs::config::PretrainConfig;
@@ -63,18 +64,14 @@ pub fn run_pretrain(
     .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
     let (mean, std) = data.channel_stats();
 
-    // Reproducible initialisation (and dropout) for a given seed.
+    // Reproducible initialisation for a given seed; each step reseeds.
     tch::manual_seed(config.seed);
     let vs = nn::VarStore::new(ctx.device);
     let root = vs.root();
     let trunk = config.backbone.build(&root, channels as i64);
     let task = PretextTask::build(&(&root / HEAD_PATH), config, config.backbone.feature_dim());
     channels_last_weights(&vs);
-    let mut optimizer = nn::AdamW {
-        wd: config.weight_decay,
-        ..Default::default()
-    }
-    .build(&vs, config.learning_rate)?;
+    let mut optimizer = AdamW::new(&vs, config.learning_rate, config.weight_decay)?;
 
     let batch_size = (config.batch_size as usize).min(data.len()).max(1);
     let steps_per_epoch = (data.len() / batch_size).max(1) as i64;
@@ -83,7 +80,7 @@ pub fn run_pretrain(
         total_steps = total_steps.min(max_steps);
     }
     let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
-    let start_step = checkpoints.resume(&vs)?;
+    let start_step = checkpoints.resume(&vs, &mut optimizer)?;
     ctx.emit(TrainingEvent::Plan {
         epochs: config.epochs,
         steps: total_steps,
@@ -115,6 +112,7 @@ pub fn run_pretrain(
         let waiting = Instant::now();
         let batch = batches.next(step)?;
         means.add("batch_wait_ms", waiting.elapsed().as_secs_f64() * 1e3);
+        seed_step(config.seed, step);
         let (loss, accuracy) = task.step(&trunk, &batch, (&input.mean, &input.std), ctx.device);
         let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
         optimizer.set_lr(learning_rate);
@@ -140,7 +138,9 @@ pub fn run_pretrain(
         if epoch_end {
             final_means = epoch_means.drain();
         }
-        if let Some(reason) = checkpoints.after_step(ctx, &vs, done, epoch_end, total_steps)? {
+        if let Some(reason) =
+            checkpoints.after_step(ctx, &vs, &optimizer, done, epoch_end, total_steps)?
+        {
             return Ok(TrainingOutcome::Stopped(reason));
         }
     }

@@ -1,6 +1,7 @@
 //! What every training loop shares: the stop signal the async side raises, the
-//! events a loop reports, the learning-rate schedule, running averages, and
-//! the description of the model a finished job leaves behind.
+//! events a loop reports, the learning-rate schedule, the seeding of each
+//! step, running averages, and the description of the model a finished job
+//! leaves behind.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -125,6 +126,17 @@ pub fn cosine_learning_rate(base: f64, step: i64, total: i64) -> f64 {
     }
     let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
     base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
+/// Seeds LibTorch's generators (dropout, `Tensor::rand*`) for one step of
+/// a job with `seed`: a step draws the same numbers whether or not the job
+/// was stopped and resumed before it.
+pub fn seed_step(seed: i64, step: i64) {
+    let mixed = (seed as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(step as u64)
+        .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    tch::manual_seed((mixed >> 1) as i64);
 }
 
 /// Running sums of metric values between two reports.
