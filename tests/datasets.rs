@@ -262,10 +262,19 @@ async fn bad_uploads_get_clear_errors_and_lose_nothing() {
     app.stop().await;
 }
 
-/// An archive whose ingestion takes a few seconds (every image is decoded
-/// and written with an fsync).
+/// An archive whose ingestion takes several seconds, well past a 1-s
+/// deadline: 600 images of 2,000×2,000 pixels, each decoded (12 MB of
+/// pixels) and written with an fsync, in a zip of a few MB.
 fn slow_archive() -> Vec<u8> {
-    zip_archive(&labelled_entries(1000, 11))
+    let large = png(&image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(
+        2_000,
+        2_000,
+        |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 90]),
+    )));
+    let entries: Vec<(String, Vec<u8>)> = (0..600)
+        .map(|i| (format!("{}/{i}.png", CLASSES[i % 3]), large.clone()))
+        .collect();
+    zip_archive(&entries)
 }
 
 /// Waits for whatever an upload started to wind down, then asserts that it
