@@ -13,19 +13,24 @@ use common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
-/// Resident memory of this process (the server runs in it), in bytes.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("procfs is readable");
+/// A memory figure (`VmRSS:`, `VmHWM:`) of a process's `/proc/…/status`, in bytes.
+fn status_bytes(status_path: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(status_path).expect("procfs is readable");
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS is reported");
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} is reported"));
     let kib: u64 = line
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS is a number");
+        .unwrap_or_else(|| panic!("{field} is a number"));
     kib * 1024
+}
+
+/// Resident memory of this process (the server runs in it), in bytes.
+fn resident_bytes() -> u64 {
+    status_bytes("/proc/self/status", "VmRSS:")
 }
 
 /// A PNG whose header claims `width`×`height` pixels, with a tiny body.
@@ -580,18 +585,7 @@ async fn hostile_images_sent_for_inference_get_a_clear_4xx() {
 
 /// The peak resident memory (`VmHWM`) of process `pid`, in bytes.
 fn peak_resident_bytes(pid: u32) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("procfs is readable");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM is reported");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM is a number");
-    kib * 1024
+    status_bytes(&format!("/proc/{pid}/status"), "VmHWM:")
 }
 
 /// A grey PNG of one flat colour: a few KB on the wire whatever its size.

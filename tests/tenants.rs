@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Ids of what a tenant owns after a pretraining run.
 struct Owned {
@@ -302,11 +302,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(status(app.get("/v1/datasets").await).await, 200);
     assert_eq!(status(app.get("/v1/jobs").await).await, 200);
     let response = app.get("/v1/models").await;
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after_secs(&response);
     assert!((1..=2).contains(&retry_after), "{retry_after}");
     let body = assert_problem(response, 429).await;
     assert!(body["detail"].as_str().unwrap().contains("retry after"));
@@ -332,11 +328,7 @@ async fn an_address_that_keeps_presenting_bad_keys_is_refused_for_a_window() {
         assert_problem(guesser.get("/v1/datasets").await, 401).await;
     }
     let response = guesser.get("/v1/jobs").await;
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after_secs(&response);
     assert!((1..=2).contains(&retry_after), "{retry_after}");
     let body = assert_problem(response, 429).await;
     assert!(
@@ -397,22 +389,9 @@ async fn a_request_that_outlasts_its_deadline_gets_504_and_nothing_is_stored() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let mut answer = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("PRETEXT_REQUEST_TIMEOUT_SECS") {
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
-            .await
-            .expect("no answer within 10 s of stalling")
-            .unwrap();
-        assert!(
-            read > 0,
-            "the connection closed: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.extend_from_slice(&buffer[..read]);
-    }
+    let answer = read_answer_until(&mut stream, "PRETEXT_REQUEST_TIMEOUT_SECS").await;
     let elapsed = started.elapsed();
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let answer = answer.to_lowercase();
     assert!(answer.starts_with("http/1.1 504"), "{answer}");
     assert!(
         answer.contains("content-type: application/problem+json"),
@@ -631,4 +610,13 @@ async fn without_auth_every_request_acts_as_the_default_tenant() {
     shutdown.cancel();
     let _ = server.await;
     remove_environment(&database_url, &data_dir).await;
+}
+
+/// The seconds a `Retry-After` header asks to wait.
+fn retry_after_secs(response: &reqwest::Response) -> u64 {
+    response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
