@@ -40,16 +40,17 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects, migrates, starts workers and binds the listener.
+    /// Connects, migrates, binds the listener and then starts the workers,
+    /// so that a server that cannot listen never claims a job.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let Workers {
-            storage,
-            pool,
-            devices,
-            tasks: workers,
-        } = Workers::start(&config.worker, &shutdown).await?;
-        let worker_count = workers.len();
+        let training_workers = Workers::open(&config.worker).await?;
+        let (storage, pool, devices) = (
+            training_workers.storage.clone(),
+            training_workers.pool.clone(),
+            training_workers.devices.clone(),
+        );
+        let worker_count = training_workers.count;
         sweep_leftovers(&storage, &pool, leftover_age(&config)).await;
         let (auth, generated_key) = authentication(&pool, &config).await?;
         let inference_device = if config.inference_device == "auto" {
@@ -70,6 +71,7 @@ impl Application {
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("Failed to listen on {}", config.bind))?;
+        let workers = training_workers.spawn(&shutdown)?;
         tracing::info!(
             devices = ?devices.iter().map(|d| device_name(*d)).collect::<Vec<_>>(),
             workers = worker_count,
@@ -190,18 +192,20 @@ async fn sweep_leftovers(storage: &Storage, pool: &sqlx::PgPool, min_age: Durati
     }
 }
 
-/// Storage, database and the training workers of one process.
+/// Storage, database and the settings of one process's training workers,
+/// before they start.
 struct Workers {
     storage: Storage,
     pool: sqlx::PgPool,
     devices: Vec<tch::Device>,
-    tasks: Vec<JoinHandle<()>>,
+    settings: WorkerSettings,
+    /// How many workers to start (one per device unless told otherwise).
+    count: usize,
 }
 
 impl Workers {
-    /// Opens storage, connects and migrates, and starts the configured
-    /// number of workers (one per device unless told otherwise).
-    async fn start(config: &WorkerConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+    /// Opens storage, connects and migrates.
+    async fn open(config: &WorkerConfig) -> anyhow::Result<Self> {
         let storage = Storage::from_url(config.storage_url.as_deref(), &config.data_dir)?;
         let pool = connect_and_migrate(&config.database_url).await?;
         let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
@@ -212,13 +216,25 @@ impl Workers {
             poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
             max_image_pixels: config.max_image_pixels,
         };
-        let tasks = spawn_workers(&pool, &storage, &devices, count, &settings, shutdown)?;
         Ok(Self {
             storage,
             pool,
             devices,
-            tasks,
+            settings,
+            count,
         })
+    }
+
+    /// Starts the workers; they run until `shutdown`.
+    fn spawn(&self, shutdown: &CancellationToken) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        spawn_workers(
+            &self.pool,
+            &self.storage,
+            &self.devices,
+            self.count,
+            &self.settings,
+            shutdown,
+        )
     }
 }
 
@@ -245,15 +261,16 @@ impl WorkerProcess {
     /// Connects, migrates and starts the workers.
     pub async fn start(config: WorkerConfig) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let workers = Workers::start(&config, &shutdown).await?;
+        let workers = Workers::open(&config).await?;
+        let tasks = workers.spawn(&shutdown)?;
         tracing::info!(
             devices = ?workers.devices.iter().map(|d| device_name(*d)).collect::<Vec<_>>(),
-            workers = workers.tasks.len(),
+            workers = tasks.len(),
             storage = %workers.storage.url(),
             "pretext workers ready"
         );
         Ok(Self {
-            workers: workers.tasks,
+            workers: tasks,
             shutdown,
         })
     }

@@ -10,11 +10,17 @@
 //! - [`http`]: routes, extractors and the problem+json error type; the only
 //!   layer that knows about HTTP.
 //! - [`db`]: Postgres queries, one module per table family.
-//! - [`jobs`]: the Postgres job queue (claims, leases, fencing), job configs,
-//!   and the worker pool that feeds training threads.
-//! - [`ml`]: LibTorch models, the jigsaw pretext task, training loops and
-//!   inference. Everything in here runs on dedicated OS threads.
-//! - [`data`]: archive ingestion, image decoding, stratified splits.
+//! - [`jobs`]: job configs and the typed [`jobs::spec::JobSpec`] each job
+//!   stores, the Postgres job queue (claims, leases, fencing), and the worker
+//!   pool that feeds training threads.
+//! - [`validation`]: reading config fields with defaults and bounds, and
+//!   errors that name the offending field.
+//! - [`ml`]: LibTorch models, the pretext tasks (jigsaw, rotation, SimCLR,
+//!   relative position; each owns its config), training loops, evaluation,
+//!   the `model.json` every model carries, and inference. Everything in here
+//!   runs on dedicated OS threads.
+//! - [`data`]: archive ingestion, image decoding, the dataset manifest and
+//!   content hash, loading into tensors, stratified splits.
 //! - [`storage`]: the files on disk (datasets, checkpoints, model weights),
 //!   written atomically.
 //! - [`telemetry`]: Prometheus metrics, recorded by the layers above and
@@ -32,3 +38,4 @@ pub mod jobs;
 pub mod ml;
 pub mod storage;
 pub mod telemetry;
+pub mod validation;

@@ -11,12 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::db::jobs::Job;
-
-/// The states and kinds a job can have, so that every `pretext_jobs` series
-/// exists (at 0) even before a job of that state is seen.
-const JOB_STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
-const JOB_KINDS: [&str; 2] = ["pretrain", "finetune"];
+use crate::db::jobs::{Job, JobKind, JobState};
 
 /// Every metric the service exports.
 pub struct Telemetry {
@@ -170,14 +165,14 @@ pub fn observe_job_released(job: &Job) {
     if let Some(device) = &job.device {
         observe_training_stopped(device);
     }
-    if !matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled") {
+    if !job.state.is_final() {
         return;
     }
     if let (Some(started), Some(finished)) = (job.started_at, job.finished_at) {
         let seconds = (finished - started).num_milliseconds().max(0) as f64 / 1000.0;
         TELEMETRY
             .job_duration
-            .with_label_values(&[&job.kind, &job.state])
+            .with_label_values(&[job.kind.name(), job.state.name()])
             .observe(seconds);
     }
 }
@@ -199,14 +194,23 @@ pub fn observe_inference_compute(elapsed: Duration) {
 
 /// Renders every metric in the text exposition format, after setting the job
 /// counts (`(state, kind, count)`) and reading the process's memory.
-pub fn render(job_counts: &[(String, String, i64)]) -> String {
-    for state in JOB_STATES {
-        for kind in JOB_KINDS {
-            TELEMETRY.jobs.with_label_values(&[state, kind]).set(0);
+/// Every state and kind a job can have is written, so that every
+/// `pretext_jobs` series exists (at 0) even before a job of its pair is seen,
+/// and a pair whose jobs are all gone reads 0 again.
+pub fn render(job_counts: &[(JobState, JobKind, i64)]) -> String {
+    for state in JobState::ALL {
+        for kind in JobKind::ALL {
+            TELEMETRY
+                .jobs
+                .with_label_values(&[state.name(), kind.name()])
+                .set(0);
         }
     }
     for (state, kind, count) in job_counts {
-        TELEMETRY.jobs.with_label_values(&[state, kind]).set(*count);
+        TELEMETRY
+            .jobs
+            .with_label_values(&[state.name(), kind.name()])
+            .set(*count);
     }
     if let Some(bytes) = resident_memory_bytes() {
         TELEMETRY

@@ -97,6 +97,51 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
         "{classifier}"
     );
 
+    // Each model describes itself, beside its weights.
+    let description = &classifier["description"];
+    assert_eq!(description["id"], classifier_id.as_str());
+    assert_eq!(description["kind"], "classifier");
+    assert_eq!(description["backbone"], "convnet");
+    assert_eq!(description["input"], classifier["input"]);
+    assert_eq!(description["classes"], json!(CLASSES));
+    assert_eq!(description["pretext"], "jigsaw", "the base's task");
+    assert_eq!(description["parent_model_id"], encoder_id.as_str());
+    assert_eq!(description["dataset_id"], dataset_id.as_str());
+    assert_eq!(description["job"]["kind"], "finetune");
+    assert_eq!(description["job"]["config"], job["config"]);
+    assert_eq!(description["metrics"], classifier["metrics"]);
+    assert_eq!(description["tch_version"], "0.24.0");
+    assert!(description["libtorch_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("2.11.0"));
+    let hash = description["dataset_hash"].as_str().unwrap();
+    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    let encoder = app.get_json(&format!("/v1/models/{encoder_id}")).await;
+    assert_eq!(encoder["description"]["dataset_hash"], hash, "same dataset");
+    assert_eq!(encoder["description"]["job"]["config"]["grid"], 3);
+    assert_eq!(
+        encoder["description"]["pretext_config"],
+        encoder["pretext_config"]
+    );
+    let response = app
+        .get(&format!("/v1/models/{classifier_id}/model.json"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-disposition"],
+        format!("attachment; filename=\"{classifier_id}.json\"").as_str()
+    );
+    let downloaded: Value = response.json().await.unwrap();
+    assert_eq!(&downloaded, description);
+    let on_disk = app
+        .data_dir
+        .join("models")
+        .join(&classifier_id)
+        .join("model.json");
+    let stored: Value = serde_json::from_slice(&std::fs::read(&on_disk).unwrap()).unwrap();
+    assert_eq!(&stored, description);
+
     // Classify fresh images of each class, several per request.
     let mut images = Vec::new();
     let mut truth = Vec::new();
@@ -132,6 +177,35 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
         correct >= 8,
         "only {correct} of 12 classified correctly: {body}"
     );
+
+    // Serving reads the model's description: labels follow model.json ...
+    let mut renamed = stored.clone();
+    renamed["classes"] = json!(CLASSES.map(str::to_uppercase));
+    std::fs::write(&on_disk, serde_json::to_vec(&renamed).unwrap()).unwrap();
+    let top_label = |body: Value| {
+        body["predictions"][0][0]["label"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let response = app
+        .post_image(&classifier_id, "classify", "", images[0].clone())
+        .await;
+    let label = top_label(response.json().await.unwrap());
+    assert!(CLASSES.map(str::to_uppercase).contains(&label), "{label}");
+    // ... and a model stored without one is described from its record.
+    std::fs::remove_file(&on_disk).unwrap();
+    let response = app
+        .post_image(&classifier_id, "classify", "", images[0].clone())
+        .await;
+    let label = top_label(response.json().await.unwrap());
+    assert!(CLASSES.contains(&label.as_str()), "{label}");
+    let described = app.get_json(&format!("/v1/models/{classifier_id}")).await;
+    let fallback = &described["description"];
+    assert_eq!(fallback["classes"], json!(CLASSES));
+    assert_eq!(fallback["input"], classifier["input"]);
+    assert_eq!(fallback["parent_model_id"], encoder_id.as_str());
+    assert!(fallback["job"].is_null() && fallback["tch_version"].is_null());
 
     // Embeddings come back in input order: a batch equals its parts.
     let response = app

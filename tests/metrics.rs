@@ -1,6 +1,7 @@
 //! Prometheus: after some requests, a finished job and an inference request,
 //! `/metrics` has the series an operator would chart, with plausible values
-//! and route labels that are patterns, not ids.
+//! and route labels that are patterns, not ids; the jobs gauge follows every
+//! kind of job from queued to its end.
 
 mod common;
 
@@ -78,7 +79,13 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_jobs_and_inference() {
-    let app = spawn_app().await;
+    let environment = fresh_environment();
+    let with_workers = |workers| TestOptions {
+        workers,
+        environment: Some(environment.clone()),
+        ..Default::default()
+    };
+    let app = spawn_app_with(with_workers(1)).await;
     let dataset = app.upload_zip(zip_archive(&labelled_entries(10, 3))).await;
     let job = app
         .create_job(json!({"kind": "pretrain", "dataset_id": dataset["id"], "config": quick_pretrain_config()}))
@@ -185,4 +192,39 @@ async fn metrics_count_requests_jobs_and_inference() {
     );
     assert!(memory > 10e6, "resident memory of {memory} bytes");
     app.stop().await;
+
+    // An evaluate job, seen queued by a server without workers, then
+    // succeeded once a server with a worker has run it: its queued series
+    // goes back to 0 (the registry is the process's, shared by both servers).
+    let idle = spawn_app_with(with_workers(0)).await;
+    let evaluate = idle
+        .create_job_id(json!({
+            "kind": "evaluate", "dataset_id": dataset["id"], "base_model_id": encoder_id,
+            "config": {"protocol": "knn", "k": 3}
+        }))
+        .await;
+    let evaluate_jobs = |samples: &[Sample], state| {
+        value(
+            samples,
+            "pretext_jobs",
+            &[("state", state), ("kind", "evaluate")],
+        )
+    };
+    let samples = parse_exposition(&idle.get("/metrics").await.text().await.unwrap());
+    assert_eq!(evaluate_jobs(&samples, "queued"), 1.0);
+    idle.stop().await;
+    let app = spawn_app_with(with_workers(1)).await;
+    app.wait_for_success(&evaluate, Duration::from_secs(120))
+        .await;
+    let samples = parse_exposition(&app.get("/metrics").await.text().await.unwrap());
+    assert_eq!(evaluate_jobs(&samples, "queued"), 0.0);
+    assert_eq!(evaluate_jobs(&samples, "running"), 0.0);
+    assert_eq!(evaluate_jobs(&samples, "succeeded"), 1.0);
+    let finished = [("kind", "evaluate"), ("state", "succeeded")];
+    assert_eq!(
+        value(&samples, "pretext_job_duration_seconds_count", &finished),
+        1.0
+    );
+    app.stop().await;
+    remove_environment(&environment.0, &environment.1).await;
 }

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::client::{ApiClient, ClientOptions};
 use super::output::{self, print_fields, print_json, Table};
 use super::CliError;
+use crate::db::jobs::{JobKind, JobState};
 
 /// How often a followed job is polled.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -93,11 +94,11 @@ enum JobsCommand {
 #[derive(Args, Debug)]
 struct JobFilter {
     /// Only jobs in this state.
-    #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled"])]
-    state: Option<String>,
+    #[arg(long, value_parser = parse_state)]
+    state: Option<JobState>,
     /// Only jobs of this kind.
-    #[arg(long, value_parser = ["pretrain", "finetune"])]
-    kind: Option<String>,
+    #[arg(long, value_parser = parse_kind)]
+    kind: Option<JobKind>,
     /// Most jobs to list.
     #[arg(long)]
     limit: Option<u32>,
@@ -118,12 +119,28 @@ impl JobFilter {
     }
 }
 
+/// A job state named on the command line.
+fn parse_state(name: &str) -> Result<JobState, String> {
+    JobState::from_name(name).ok_or_else(|| {
+        let states: Vec<&str> = JobState::ALL.iter().map(|s| s.name()).collect();
+        format!("use one of {}", states.join(", "))
+    })
+}
+
+/// A job kind named on the command line.
+fn parse_kind(name: &str) -> Result<JobKind, String> {
+    JobKind::from_name(name).ok_or_else(|| {
+        let kinds: Vec<&str> = JobKind::ALL.iter().map(|k| k.name()).collect();
+        format!("use one of {}", kinds.join(", "))
+    })
+}
+
 /// A job as the API returns it (the fields shown here).
 #[derive(Debug, Deserialize)]
 struct Job {
     id: Uuid,
-    kind: String,
-    state: String,
+    kind: JobKind,
+    state: JobState,
     dataset_id: Option<Uuid>,
     base_model_id: Option<Uuid>,
     config: Value,
@@ -156,7 +173,7 @@ struct JobList {
 
 impl Job {
     fn has_ended(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
+        self.state.is_final()
     }
 
     fn metric(&self, name: &str) -> Option<f64> {
@@ -170,8 +187,8 @@ pub async fn train(args: TrainArgs) -> Result<(), CliError> {
     let api = ApiClient::new(&args.client)?;
     let json = args.client.json;
     let (kind, options, base) = match args.command {
-        TrainCommand::Pretrain(options) => ("pretrain", options, None),
-        TrainCommand::Finetune { job, base } => ("finetune", job, base),
+        TrainCommand::Pretrain(options) => (JobKind::Pretrain, options, None),
+        TrainCommand::Finetune { job, base } => (JobKind::Finetune, job, base),
     };
     let mut request = json!({
         "kind": kind,
@@ -227,7 +244,7 @@ pub async fn run(args: JobsArgs) -> Result<(), CliError> {
                 return Ok(());
             }
             let job: Job = serde_json::from_value(value)?;
-            if job.state == "cancelled" {
+            if job.state == JobState::Cancelled {
                 println!("cancelled job {id}");
             } else {
                 println!("cancelling job {id}: it stops within a few seconds");
@@ -240,10 +257,10 @@ pub async fn run(args: JobsArgs) -> Result<(), CliError> {
 async fn list(api: &ApiClient, json: bool, filter: JobFilter) -> Result<(), CliError> {
     let mut query = Vec::new();
     if let Some(state) = filter.state {
-        query.push(("state", state));
+        query.push(("state", state.to_string()));
     }
     if let Some(kind) = filter.kind {
-        query.push(("kind", kind));
+        query.push(("kind", kind.to_string()));
     }
     if let Some(limit) = filter.limit {
         query.push(("limit", limit.to_string()));
@@ -266,8 +283,8 @@ async fn list(api: &ApiClient, json: bool, filter: JobFilter) -> Result<(), CliE
         };
         table.row(vec![
             job.id.to_string(),
-            job.kind,
-            job.state,
+            job.kind.to_string(),
+            job.state.to_string(),
             progress,
             output::or_dash(job.model_id),
             output::time(&job.created_at),
@@ -278,14 +295,14 @@ async fn list(api: &ApiClient, json: bool, filter: JobFilter) -> Result<(), CliE
 }
 
 fn show(job: &Job) {
-    let mut state = job.state.clone();
+    let mut state = job.state.to_string();
     if job.cancel_requested && !job.has_ended() {
         state.push_str(" (cancel requested)");
     }
     let p = &job.progress;
     print_fields(&[
         ("id", job.id.to_string()),
-        ("kind", job.kind.clone()),
+        ("kind", job.kind.to_string()),
         ("state", state),
         ("dataset", output::or_dash(job.dataset_id)),
         ("base model", output::or_dash(job.base_model_id)),
@@ -324,8 +341,8 @@ async fn follow(api: &ApiClient, id: Uuid, json: bool) -> Result<(), CliError> {
     if json {
         print_json(&value);
     }
-    match (job.state.as_str(), job.model_id) {
-        ("succeeded", Some(model_id)) => {
+    match (job.state, job.model_id) {
+        (JobState::Succeeded, Some(model_id)) => {
             if !json {
                 eprintln!(
                     "job {id} succeeded{}: {}",
@@ -336,14 +353,14 @@ async fn follow(api: &ApiClient, id: Uuid, json: bool) -> Result<(), CliError> {
             }
             Ok(())
         }
-        ("succeeded", None) => Err(CliError::JobEnded {
+        (JobState::Succeeded, None) => Err(CliError::JobEnded {
             id,
-            state: "succeeded".to_string(),
+            state: JobState::Succeeded.to_string(),
             reason: Some("but its model has been deleted since".to_string()),
         }),
         _ => Err(CliError::JobEnded {
             id,
-            state: job.state,
+            state: job.state.to_string(),
             reason: job.error,
         }),
     }
@@ -374,12 +391,12 @@ async fn poll_until_ended(
 /// The bar's message: what the job is doing, its epoch and latest metrics.
 fn progress_message(job: &Job) -> String {
     let mut parts = Vec::new();
-    match job.state.as_str() {
-        "queued" if job.attempts > 0 => parts.push(format!(
+    match job.state {
+        JobState::Queued if job.attempts > 0 => parts.push(format!(
             "queued again after attempt {} of {}",
             job.attempts, job.max_attempts
         )),
-        "queued" => parts.push("queued, waiting for a worker".to_string()),
+        JobState::Queued => parts.push("queued, waiting for a worker".to_string()),
         _ if job.progress.steps == 0 => parts.push("loading the dataset".to_string()),
         _ => {
             parts.push(format!(

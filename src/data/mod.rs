@@ -3,6 +3,7 @@
 //! into a uint8 tensor, and stratified splits for few-label training.
 
 pub mod archive;
+pub mod content_hash;
 pub mod decode;
 pub mod loader;
 pub mod manifest;

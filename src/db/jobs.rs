@@ -12,14 +12,107 @@ use uuid::Uuid;
 /// The channel workers LISTEN on for new jobs.
 pub const JOBS_CHANNEL: &str = "pretext_jobs";
 
+/// What a job does: the Postgres enum `job_kind`, and the `kind` of the API.
+/// Adding a kind is a variant here, a value in a migration, and a
+/// [`crate::jobs::spec::JobSpec`] variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "job_kind", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Trains an encoder on a pretext task.
+    Pretrain,
+    /// Trains a classifier on labels, from scratch or from an encoder.
+    Finetune,
+    /// Measures a model on labelled data.
+    Evaluate,
+}
+
+/// Where a job is in its life: the Postgres enum `job_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "job_state", rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobKind {
+    /// Every kind, in the order the API lists them.
+    pub const ALL: [JobKind; 3] = [JobKind::Pretrain, JobKind::Finetune, JobKind::Evaluate];
+
+    /// The name in the API and in Postgres.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Pretrain => "pretrain",
+            JobKind::Finetune => "finetune",
+            JobKind::Evaluate => "evaluate",
+        }
+    }
+
+    /// The kind called `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+impl JobState {
+    /// Every state, in the order a job can pass through them.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The name in the API and in Postgres.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state called `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.name() == name)
+    }
+
+    /// Whether the job has ended for good (it will not run again).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Job {
     pub id: Uuid,
     #[serde(skip)]
     pub tenant_id: Uuid,
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub dataset_id: Option<Uuid>,
     pub base_model_id: Option<Uuid>,
     pub config: Json<serde_json::Value>,
@@ -54,9 +147,9 @@ pub struct Progress {
 }
 
 /// A new job.
-pub struct NewJob<'a> {
+pub struct NewJob {
     pub tenant_id: Uuid,
-    pub kind: &'a str,
+    pub kind: JobKind,
     pub dataset_id: Uuid,
     pub base_model_id: Option<Uuid>,
     pub config: serde_json::Value,
@@ -81,7 +174,7 @@ impl From<sqlx::Error> for CreateJobError {
 /// Queues a job and wakes the workers. The dataset and base model rows (the
 /// tenant's own) are share-locked so that a concurrent delete waits for (or
 /// precedes) this insert.
-pub async fn insert_job(pool: &PgPool, job: NewJob<'_>) -> Result<Job, CreateJobError> {
+pub async fn insert_job(pool: &PgPool, job: NewJob) -> Result<Job, CreateJobError> {
     let mut tx = pool.begin().await?;
     let dataset: Option<(Uuid,)> =
         sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for share")
@@ -153,13 +246,13 @@ pub async fn get_any_tenants_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option
 pub async fn list_jobs(
     pool: &PgPool,
     tenant_id: Uuid,
-    state: Option<&str>,
-    kind: Option<&str>,
+    state: Option<JobState>,
+    kind: Option<JobKind>,
     limit: i64,
 ) -> sqlx::Result<Vec<Job>> {
     sqlx::query_as::<_, Job>(
         "select * from jobs
-         where tenant_id = $4 and ($1::text is null or state = $1) and ($2::text is null or kind = $2)
+         where tenant_id = $4 and ($1::job_state is null or state = $1) and ($2::job_kind is null or kind = $2)
          order by created_at desc, id desc limit $3",
     )
     .bind(state)
@@ -255,7 +348,7 @@ pub async fn list_metrics_after(
 
 /// How many jobs there are of each state and kind (pairs with none are
 /// absent), over every tenant: the Prometheus metrics are the operator's.
-pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
+pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(JobState, JobKind, i64)>> {
     sqlx::query_as(
         "select state, kind, count(*) from jobs
          group by state, kind",

@@ -9,7 +9,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::datasets::DeleteOutcome;
-use crate::ml::training::{InputSpec, ModelArtifact};
+use crate::ml::description::{ModelDescription, ModelRecord};
+use crate::ml::training::InputSpec;
 
 /// A trained model.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -31,41 +32,68 @@ pub struct Model {
     pub created_at: DateTime<Utc>,
 }
 
-/// Where a new model came from.
-pub struct ModelOrigin {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
-    pub job_id: Uuid,
-    pub base_model_id: Option<Uuid>,
-    pub dataset_id: Option<Uuid>,
-    pub pretext: Option<String>,
+impl Model {
+    /// What the row says about the model, for describing a model stored
+    /// before `model.json` was written beside its weights.
+    pub fn record(&self) -> ModelRecord<'_> {
+        let metrics = self
+            .metrics
+            .0
+            .as_object()
+            .map(|metrics| {
+                metrics
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ModelRecord {
+            id: self.id,
+            kind: &self.kind,
+            backbone: &self.backbone,
+            input: &self.input.0,
+            embedding_dim: self.embedding_dim as i64,
+            classes: &self.classes.0,
+            pretext: self.pretext.as_deref(),
+            pretext_config: self.pretext_config.as_ref().map(|config| &config.0),
+            job_id: self.job_id,
+            dataset_id: self.dataset_id,
+            parent_model_id: self.base_model_id,
+            metrics,
+            created_at: self.created_at,
+        }
+    }
 }
 
-/// Records a model inside the transaction that finishes its job.
+/// Records the model `description` describes, made by job `job_id` of
+/// `tenant_id`, inside the transaction that finishes the job.
 pub async fn insert_model(
     tx: &mut Transaction<'_, Postgres>,
-    origin: &ModelOrigin,
-    artifact: &ModelArtifact,
+    tenant_id: Uuid,
+    job_id: Uuid,
+    description: &ModelDescription,
 ) -> sqlx::Result<Model> {
     sqlx::query_as::<_, Model>(
         "insert into models (id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
-                             classes, embedding_dim, input, metrics, pretext_config, tenant_id)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                             classes, embedding_dim, input, metrics, pretext_config, tenant_id,
+                             created_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          returning *",
     )
-    .bind(origin.id)
-    .bind(artifact.kind)
-    .bind(artifact.backbone)
-    .bind(artifact.pretext.clone().or_else(|| origin.pretext.clone()))
-    .bind(origin.job_id)
-    .bind(origin.base_model_id)
-    .bind(origin.dataset_id)
-    .bind(Json(&artifact.classes))
-    .bind(artifact.embedding_dim as i32)
-    .bind(Json(&artifact.input))
-    .bind(Json(&artifact.metrics))
-    .bind(artifact.pretext_config.as_ref().map(Json))
-    .bind(origin.tenant_id)
+    .bind(description.id)
+    .bind(&description.kind)
+    .bind(&description.backbone)
+    .bind(&description.pretext)
+    .bind(job_id)
+    .bind(description.parent_model_id)
+    .bind(description.dataset_id)
+    .bind(Json(&description.classes))
+    .bind(description.embedding_dim as i32)
+    .bind(Json(&description.input))
+    .bind(Json(&description.metrics))
+    .bind(description.pretext_config.as_ref().map(Json))
+    .bind(tenant_id)
+    .bind(description.created_at)
     .fetch_one(&mut **tx)
     .await
 }

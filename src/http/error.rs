@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::jobs::config::FieldError;
+use crate::validation::FieldError;
 
 /// Every way a request can fail, with the status each maps to.
 #[derive(Debug, thiserror::Error)]

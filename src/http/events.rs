@@ -26,7 +26,7 @@ use super::extract::ApiPath;
 use super::AppState;
 use crate::auth::Tenant;
 use crate::db::job_events::JobChanges;
-use crate::db::jobs::{get_job, list_metrics_after, Job};
+use crate::db::jobs::{get_job, list_metrics_after, Job, JobState};
 
 /// How often the database is read when no notification came.
 const FALLBACK_POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -107,7 +107,7 @@ struct JobWatch {
     shutdown: CancellationToken,
     changes: JobChanges,
     last_metric_id: i64,
-    last_state: Option<String>,
+    last_state: Option<JobState>,
     last_progress: Option<ProgressEvent>,
     pending: VecDeque<Event>,
     /// When the database was last read; `None` before the first read.
@@ -151,8 +151,8 @@ impl JobWatch {
             self.ended = true;
             return Ok(());
         };
-        if self.last_state.as_deref() != Some(job.state.as_str()) {
-            self.last_state = Some(job.state.clone());
+        if self.last_state != Some(job.state) {
+            self.last_state = Some(job.state);
             self.queue("state", &job);
         }
         let progress = ProgressEvent {
@@ -198,5 +198,5 @@ impl JobWatch {
 }
 
 fn is_finished(job: &Job) -> bool {
-    matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled")
+    job.state.is_final()
 }

@@ -14,14 +14,16 @@ use super::AppState;
 use crate::auth::Tenant;
 use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{
-    cancel_job, get_job, insert_job, list_jobs, list_metrics, CreateJobError, Job, NewJob,
+    cancel_job, get_job, insert_job, list_jobs, list_metrics, CreateJobError, Job, JobKind,
+    JobState, NewJob,
 };
 use crate::db::models::{get_model, Model};
 use crate::jobs::config::{
-    parse_config_object, DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest,
-    PretrainConfigRequest,
+    DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest, PretrainConfigRequest,
 };
+use crate::jobs::spec::JobSpec;
 use crate::ml::backbone::Backbone;
+use crate::validation::parse_config_object;
 
 /// Body of `POST /v1/jobs`.
 #[derive(Debug, Deserialize)]
@@ -34,8 +36,27 @@ pub struct JobRequest {
     pub max_attempts: Option<i64>,
 }
 
-const KINDS: [&str; 3] = ["pretrain", "finetune", "evaluate"];
-const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+/// The kind named `name`, or the error naming `field`.
+fn parse_kind(field: &str, name: &str) -> Result<JobKind, ApiError> {
+    JobKind::from_name(name).ok_or_else(|| {
+        let kinds: Vec<&str> = JobKind::ALL.iter().map(|k| k.name()).collect();
+        ApiError::field(
+            field,
+            format!("unknown kind `{name}`; use one of {}", kinds.join(", ")),
+        )
+    })
+}
+
+/// The state named `name`, or the error naming `field`.
+fn parse_state(field: &str, name: &str) -> Result<JobState, ApiError> {
+    JobState::from_name(name).ok_or_else(|| {
+        let states: Vec<&str> = JobState::ALL.iter().map(|s| s.name()).collect();
+        ApiError::field(
+            field,
+            format!("unknown state `{name}`; use one of {}", states.join(", ")),
+        )
+    })
+}
 
 fn parse_config<T: serde::de::DeserializeOwned + Default>(
     config: Option<serde_json::Value>,
@@ -68,17 +89,13 @@ async fn labelled_dataset(
     Ok(dataset)
 }
 
-fn to_json(config: impl serde::Serialize) -> Result<serde_json::Value, ApiError> {
-    Ok(serde_json::to_value(config).map_err(anyhow::Error::from)?)
-}
-
 async fn pretrain_config(
     state: &AppState,
     tenant: &Tenant,
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
-) -> Result<(serde_json::Value, i64), ApiError> {
+) -> Result<JobSpec, ApiError> {
     if base.is_some() {
         return Err(ApiError::field(
             "base_model_id",
@@ -95,14 +112,14 @@ async fn pretrain_config(
     if let Some(id) = config.eval_dataset_id {
         labelled_dataset(state, tenant, id, "config.eval_dataset_id").await?;
     }
-    Ok((to_json(&config)?, config.epochs))
+    Ok(JobSpec::Pretrain(config))
 }
 
 fn finetune_config(
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
-) -> Result<(serde_json::Value, i64), ApiError> {
+) -> Result<JobSpec, ApiError> {
     if !dataset.labeled {
         return Err(ApiError::field(
             "dataset_id",
@@ -120,7 +137,7 @@ fn finetune_config(
     let config = parse_config::<FinetuneConfigRequest>(config)?
         .resolve(from)
         .map_err(ApiError::fields)?;
-    Ok((to_json(&config)?, config.epochs))
+    Ok(JobSpec::Finetune(config))
 }
 
 async fn evaluate_config(
@@ -129,7 +146,7 @@ async fn evaluate_config(
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
-) -> Result<(serde_json::Value, i64), ApiError> {
+) -> Result<JobSpec, ApiError> {
     if base.is_none() {
         return Err(ApiError::field(
             "base_model_id",
@@ -156,7 +173,7 @@ async fn evaluate_config(
     if let Some(id) = config.test_dataset_id {
         labelled_dataset(state, tenant, id, "config.test_dataset_id").await?;
     }
-    Ok((to_json(&config)?, config.epochs))
+    Ok(JobSpec::Evaluate(config))
 }
 
 fn model_backbone(model: &Model) -> Result<Backbone, ApiError> {
@@ -175,15 +192,7 @@ pub async fn create(
     tenant: Tenant,
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    if !KINDS.contains(&request.kind.as_str()) {
-        return Err(ApiError::field(
-            "kind",
-            format!(
-                "unknown kind `{}`; use pretrain, finetune or evaluate",
-                request.kind
-            ),
-        ));
-    }
+    let kind = parse_kind("kind", &request.kind)?;
     let max_attempts = match request.max_attempts.unwrap_or(3) {
         n @ 1..=10 => n as i32,
         other => {
@@ -206,22 +215,24 @@ pub async fn create(
         ),
         None => None,
     };
-    let (config, epochs) = match request.kind.as_str() {
-        "pretrain" => {
+    let spec = match kind {
+        JobKind::Pretrain => {
             pretrain_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
         }
-        "finetune" => finetune_config(&dataset, base.as_ref(), request.config)?,
-        _ => evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?,
+        JobKind::Finetune => finetune_config(&dataset, base.as_ref(), request.config)?,
+        JobKind::Evaluate => {
+            evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
+        }
     };
     let job = insert_job(
         &state.pool,
         NewJob {
             tenant_id: tenant.id,
-            kind: &request.kind,
+            kind: spec.kind(),
             dataset_id: dataset.id,
             base_model_id: request.base_model_id,
-            config,
-            epochs,
+            config: spec.config_json(),
+            epochs: spec.epochs(),
             max_attempts,
         },
     )
@@ -254,23 +265,21 @@ pub async fn list(
     tenant: Tenant,
     ApiQuery(params): ApiQuery<JobListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if let Some(s) = params.state.as_deref().filter(|s| !STATES.contains(s)) {
-        return Err(ApiError::field(
-            "state",
-            format!("unknown state `{s}`; use one of {}", STATES.join(", ")),
-        ));
-    }
-    if let Some(k) = params.kind.as_deref().filter(|k| !KINDS.contains(k)) {
-        return Err(ApiError::field(
-            "kind",
-            format!("unknown kind `{k}`; use pretrain, finetune or evaluate"),
-        ));
-    }
+    let job_state = params
+        .state
+        .as_deref()
+        .map(|s| parse_state("state", s))
+        .transpose()?;
+    let kind = params
+        .kind
+        .as_deref()
+        .map(|k| parse_kind("kind", k))
+        .transpose()?;
     let jobs = list_jobs(
         &state.pool,
         tenant.id,
-        params.state.as_deref(),
-        params.kind.as_deref(),
+        job_state,
+        kind,
         list_limit(params.limit)?,
     )
     .await?;
@@ -298,7 +307,7 @@ pub async fn cancel(
     let job = get_job(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
-    if !matches!(job.state.as_str(), "queued" | "running") {
+    if job.state.is_final() {
         return Err(ApiError::Conflict(format!(
             "job {id} has already ended ({}); nothing to cancel",
             job.state
@@ -341,15 +350,15 @@ pub async fn report(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
     let Some(report) = job.report else {
-        let why = match (job.kind.as_str(), job.state.as_str()) {
-            ("evaluate", state) => format!("the evaluation is {state}; its report appears when it succeeds"),
-            ("pretrain", "succeeded") => "this pretrain job had no config.eval_dataset_id, so nothing was evaluated; submit an evaluate job".to_string(),
-            ("pretrain", state) => format!("the job is {state}; a report appears when it succeeds with config.eval_dataset_id"),
-            _ => "fine-tuning jobs have no report; their metrics are on the model".to_string(),
+        let why = match (job.kind, job.state) {
+            (JobKind::Evaluate, state) => format!("the evaluation is {state}; its report appears when it succeeds"),
+            (JobKind::Pretrain, JobState::Succeeded) => "this pretrain job had no config.eval_dataset_id, so nothing was evaluated; submit an evaluate job".to_string(),
+            (JobKind::Pretrain, state) => format!("the job is {state}; a report appears when it succeeds with config.eval_dataset_id"),
+            (JobKind::Finetune, _) => "fine-tuning jobs have no report; their metrics are on the model".to_string(),
         };
         return Err(ApiError::Conflict(why));
     };
-    let model_id = if job.kind == "evaluate" {
+    let model_id = if job.kind == JobKind::Evaluate {
         job.base_model_id
     } else {
         job.model_id

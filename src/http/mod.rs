@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get).delete(models::delete))
         .route("/v1/models/{id}/weights", get(models::weights))
+        .route("/v1/models/{id}/model.json", get(models::description))
         .route(
             "/v1/models/{id}/embed",
             post(models::embed).layer(inference_limit),

@@ -2,6 +2,7 @@
 //! and inference (`/embed`, `/classify`). Images are decoded on the blocking
 //! pool; LibTorch runs on the inference executor's thread.
 
+use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -19,8 +20,9 @@ use crate::auth::Tenant;
 use crate::data::decode::{decode_image, to_chw_u8};
 use crate::db::datasets::DeleteOutcome;
 use crate::db::models::{delete_model, get_model, list_models, Model};
-use crate::ml::backbone::Backbone;
+use crate::ml::description::ModelDescription;
 use crate::ml::inference::{InferenceError, InferenceOutput, InferenceTask, ModelHandle};
+use crate::ml::training::InputSpec;
 
 /// Query of `GET /v1/models`.
 #[derive(Debug, Deserialize)]
@@ -62,13 +64,56 @@ pub async fn list(
     Ok(Json(serde_json::json!({ "models": models })))
 }
 
-/// `GET /v1/models/{id}`
+/// The model's `model.json`, or for a model stored before descriptions
+/// were written, its description from the database row.
+async fn describe(state: &AppState, model: &Model) -> Result<ModelDescription, ApiError> {
+    state.storage.fetch_model(model.id).await?;
+    let path = state.storage.model_description(model.id);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes)
+            .with_context(|| format!("Failed to parse {}", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(ModelDescription::from_record(model.record()))
+        }
+        Err(e) => Err(ApiError::Internal(
+            anyhow::Error::new(e).context(format!("Failed to read {}", path.display())),
+        )),
+    }
+}
+
+/// `GET /v1/models/{id}`: the model's row and its description.
 pub async fn get(
     State(state): State<AppState>,
     tenant: Tenant,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<Model>, ApiError> {
-    Ok(Json(find_model(&state, &tenant, id).await?))
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let model = find_model(&state, &tenant, id).await?;
+    let description = describe(&state, &model).await?;
+    let mut body = serde_json::to_value(&model).context("Failed to serialise the model")?;
+    if let Some(fields) = body.as_object_mut() {
+        let description =
+            serde_json::to_value(&description).context("Failed to serialise the description")?;
+        fields.insert("description".to_string(), description);
+    }
+    Ok(Json(body))
+}
+
+/// `GET /v1/models/{id}/model.json`: the description, to keep beside the
+/// downloaded weights.
+pub async fn description(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Response, ApiError> {
+    let model = find_model(&state, &tenant, id).await?;
+    let description = describe(&state, &model).await?;
+    let mut response = Json(description).into_response();
+    if let Ok(value) = format!("attachment; filename=\"{}.json\"", model.id).parse() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
 }
 
 /// `DELETE /v1/models/{id}`
@@ -123,7 +168,7 @@ pub async fn weights(
 /// Decodes request images to the model's input layout, in parallel.
 async fn prepare_images(
     state: &AppState,
-    model: &Model,
+    input: &InputSpec,
     request: Request,
 ) -> Result<Vec<Vec<u8>>, ApiError> {
     let parts = read_images(
@@ -132,8 +177,8 @@ async fn prepare_images(
         state.config.max_inference_bytes,
     )
     .await?;
-    let size = model.input.0.image_size;
-    let channels = model.input.0.channels;
+    let size = input.image_size;
+    let channels = input.channels;
     let max_pixels = state.config.worker.max_image_pixels;
     tokio::task::spawn_blocking(move || {
         parts
@@ -155,30 +200,37 @@ async fn prepare_images(
     .map_err(|e| ApiError::Internal(anyhow::anyhow!("decoding thread failed: {e}")))?
 }
 
+/// Runs `task` on the request's images; returns the model's description
+/// (which the network was built from) with the outputs.
 async fn infer(
     state: &AppState,
     model: &Model,
     task: InferenceTask,
     request: Request,
-) -> Result<InferenceOutput, ApiError> {
+) -> Result<(ModelDescription, InferenceOutput), ApiError> {
     let arrival = state.inference.announce().map_err(inference_error)?;
-    let images = prepare_images(state, model, request).await?;
-    let backbone = Backbone::from_name(&model.backbone).ok_or_else(|| {
-        anyhow::anyhow!("model {} has unknown backbone {}", model.id, model.backbone)
+    let description = describe(state, model).await?;
+    let images = prepare_images(state, &description.input, request).await?;
+    let backbone = description.backbone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "model {} has unknown backbone {}",
+            model.id,
+            description.backbone
+        )
     })?;
     let handle = ModelHandle {
         id: model.id,
         backbone,
-        input: model.input.0.clone(),
-        num_classes: (model.kind == "classifier").then_some(model.classes.0.len()),
+        num_classes: description.num_classes(),
+        input: description.input.clone(),
         weights: state.storage.model_weights(model.id),
     };
-    state.storage.fetch_model(model.id).await?;
-    state
+    let output = state
         .inference
         .run(handle, task, images, arrival)
         .await
-        .map_err(inference_error)
+        .map_err(inference_error)?;
+    Ok((description, output))
 }
 
 fn inference_error(error: InferenceError) -> ApiError {
@@ -203,7 +255,7 @@ pub async fn embed(
     request: Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let model = find_model(&state, &tenant, id).await?;
-    let InferenceOutput::Embeddings(embeddings) =
+    let (description, InferenceOutput::Embeddings(embeddings)) =
         infer(&state, &model, InferenceTask::Embed, request).await?
     else {
         return Err(anyhow::anyhow!(
@@ -213,7 +265,7 @@ pub async fn embed(
     };
     Ok(Json(serde_json::json!({
         "model_id": model.id,
-        "dim": model.embedding_dim,
+        "dim": description.embedding_dim,
         "embeddings": embeddings,
     })))
 }
@@ -255,7 +307,7 @@ pub async fn classify(
             "model {id} is an encoder and has no classes; fine-tune it on a labelled dataset (POST /v1/jobs with kind finetune) and classify with the resulting model, or use /embed"
         )));
     }
-    let InferenceOutput::Probabilities(rows) =
+    let (description, InferenceOutput::Probabilities(rows)) =
         infer(&state, &model, InferenceTask::Classify, request).await?
     else {
         return Err(anyhow::anyhow!(
@@ -263,7 +315,7 @@ pub async fn classify(
         )
         .into());
     };
-    let classes = &model.classes.0;
+    let classes = &description.classes;
     let predictions: Vec<Vec<Prediction>> = rows
         .iter()
         .map(|probabilities| {

@@ -12,10 +12,10 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db::jobs::{Job, Progress};
-use crate::db::models::{insert_model, ModelOrigin};
+use crate::db::jobs::{Job, JobState, Progress};
+use crate::db::models::insert_model;
+use crate::ml::description::ModelDescription;
 use crate::ml::evaluate::EvaluationReport;
-use crate::ml::training::ModelArtifact;
 
 /// Claims the oldest queued job for `owner`, or returns `None`.
 pub async fn claim_next_job(
@@ -56,9 +56,9 @@ pub async fn requeue_expired_leases(pool: &PgPool) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "update jobs set
              state = case
-                 when cancel_requested then 'cancelled'
-                 when attempts >= max_attempts then 'failed'
-                 else 'queued' end,
+                 when cancel_requested then 'cancelled'::job_state
+                 when attempts >= max_attempts then 'failed'::job_state
+                 else 'queued'::job_state end,
              error = case
                  when cancel_requested then null
                  when attempts >= max_attempts then
@@ -161,9 +161,8 @@ pub async fn finish_succeeded(
     pool: &PgPool,
     job: &Job,
     owner: Uuid,
-    model_id: Uuid,
-    base_pretext: Option<String>,
-    artifact: &ModelArtifact,
+    description: &ModelDescription,
+    report: Option<&EvaluationReport>,
     progress: Progress,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
@@ -177,15 +176,7 @@ pub async fn finish_succeeded(
     if held.is_none() {
         return Ok(false);
     }
-    let origin = ModelOrigin {
-        id: model_id,
-        tenant_id: job.tenant_id,
-        job_id: job.id,
-        base_model_id: job.base_model_id,
-        dataset_id: job.dataset_id,
-        pretext: base_pretext,
-    };
-    insert_model(&mut tx, &origin, artifact).await?;
+    insert_model(&mut tx, job.tenant_id, job.id, description).await?;
     sqlx::query(
         "update jobs set state = 'succeeded', model_id = $2, progress = $3, finished_at = now(),
              lease_owner = null, lease_expires_at = null, error = null,
@@ -193,10 +184,10 @@ pub async fn finish_succeeded(
          where id = $1",
     )
     .bind(job.id)
-    .bind(model_id)
+    .bind(description.id)
     .bind(Json(progress))
-    .bind(Json(&artifact.metrics))
-    .bind(artifact.report.as_ref().map(Json))
+    .bind(Json(&description.metrics))
+    .bind(report.map(Json))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -261,7 +252,7 @@ pub async fn finish_job(
         JobEnd::Cancelled => ("'cancelled'", None, 0),
         JobEnd::Failed(e) => ("'failed'", Some(e.clone()), 0),
         JobEnd::Retryable(e) => (
-            "case when attempts >= max_attempts then 'failed' else 'queued' end",
+            "case when attempts >= max_attempts then 'failed'::job_state else 'queued'::job_state end",
             Some(e.clone()),
             0,
         ),
@@ -278,7 +269,7 @@ pub async fn finish_job(
          where id = $1 and lease_owner = $2 and state = 'running'
          returning state"
     );
-    let row: Option<(String,)> = sqlx::query_as(&sql)
+    let row: Option<(JobState,)> = sqlx::query_as(&sql)
         .bind(job_id)
         .bind(owner)
         .bind(error)
@@ -286,7 +277,7 @@ pub async fn finish_job(
         .fetch_optional(pool)
         .await?;
     if let Some((state,)) = &row {
-        if state == "queued" {
+        if *state == JobState::Queued {
             sqlx::query("select pg_notify($1, $2)")
                 .bind(crate::db::jobs::JOBS_CHANNEL)
                 .bind(job_id.to_string())

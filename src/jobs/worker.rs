@@ -5,6 +5,7 @@
 //! on LibTorch.
 
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
@@ -17,27 +18,29 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::config::{EvaluateConfig, FinetuneConfig, PretrainConfig, Protocol};
+use super::config::{FrozenProbeSettings, DEFAULT_TEST_FRACTION};
 use super::queue::{
     claim_next_job, finish_evaluated, finish_job, finish_succeeded, record_progress, renew_lease,
     requeue_expired_leases, JobEnd, LeaseStatus,
 };
+use super::spec::JobSpec;
+use crate::data::content_hash::dataset_content_hash;
 use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{Job, Progress, JOBS_CHANNEL};
 use crate::db::models::{get_model, Model};
 use crate::ml::backbone::Backbone;
-use crate::ml::device::device_name;
-use crate::ml::evaluate::{
-    evaluate_frozen, load_trunk, run_label_efficiency, EncoderSource, EvaluationData,
-    EvaluationReport, FrozenProtocols,
+use crate::ml::description::{
+    JobOrigin, ModelDescription, DESCRIPTION_FORMAT, LIBTORCH_VERSION, TCH_VERSION,
 };
+use crate::ml::device::device_name;
+use crate::ml::evaluate::{run_evaluation, EncoderSource, EvaluationData, EvaluationReport};
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
-    is_permanent, PermanentError, StopReason, StopSignal, TrainingContext, TrainingEvent,
-    TrainingOutcome,
+    is_permanent, ModelArtifact, PermanentError, StopReason, StopSignal, TrainingContext,
+    TrainingEvent, TrainingOutcome,
 };
-use crate::storage::Storage;
+use crate::storage::{write_atomic, Storage};
 
 /// Settings shared by every worker.
 #[derive(Debug, Clone)]
@@ -47,17 +50,34 @@ pub struct WorkerSettings {
     pub max_image_pixels: u64,
 }
 
-/// A job handed to a training thread.
-struct Assignment {
-    job: Job,
+/// What a claimed job runs on, looked up and fetched before it is handed to
+/// the training thread.
+struct Prepared {
+    spec: JobSpec,
     dataset: Dataset,
     base: Option<Model>,
-    ctx: TrainingContext,
-    dataset_dir: std::path::PathBuf,
-    base_weights: Option<std::path::PathBuf>,
     /// Labelled images to evaluate on (evaluate jobs; pretrain jobs that name one).
     evaluation: Option<EvaluationData>,
+}
+
+/// A job handed to a training thread.
+struct Assignment {
+    spec: JobSpec,
+    channels: u8,
+    ctx: TrainingContext,
+    dataset_dir: PathBuf,
+    /// The base model's backbone, weights and input, for jobs that start from one.
+    base: Option<(Model, PathBuf)>,
+    evaluation: Option<EvaluationData>,
     reply: oneshot::Sender<anyhow::Result<TrainingOutcome>>,
+}
+
+/// How the training thread's run of a job ended, as the worker saw it.
+struct RunEnd {
+    result: anyhow::Result<TrainingOutcome>,
+    progress: Progress,
+    /// Another worker took the job over while it ran: nothing may be written.
+    lease_lost: bool,
 }
 
 /// One device's worker: the queue side, and a channel to its training thread.
@@ -81,35 +101,29 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 /// Runs one assignment on the training thread.
 fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
     let ctx = &assignment.ctx;
-    let channels = assignment.dataset.channels as u8;
-    let base = match (&assignment.base, &assignment.base_weights) {
-        (Some(model), Some(weights)) => Some((model, weights)),
-        _ => None,
-    };
-    match assignment.job.kind.as_str() {
-        "pretrain" => {
-            let config: PretrainConfig = serde_json::from_value(assignment.job.config.0.clone())
-                .context("the stored pretrain config is unreadable")?;
-            run_pretrain(
-                ctx,
-                &config,
-                &assignment.dataset_dir,
-                channels,
-                assignment.evaluation.clone(),
-            )
-        }
-        "finetune" => {
-            let config: FinetuneConfig = serde_json::from_value(assignment.job.config.0.clone())
-                .context("the stored finetune config is unreadable")?;
+    let base = assignment.base.as_ref();
+    match &assignment.spec {
+        JobSpec::Pretrain(config) => run_pretrain(
+            ctx,
+            config,
+            &assignment.dataset_dir,
+            assignment.channels,
+            assignment.evaluation.clone(),
+        ),
+        JobSpec::Finetune(config) => {
             let base = base.map(|(model, weights)| BaseEncoder {
                 weights,
                 input: model.input.0.clone(),
             });
-            run_finetune(ctx, &config, &assignment.dataset_dir, channels, base)
+            run_finetune(
+                ctx,
+                config,
+                &assignment.dataset_dir,
+                assignment.channels,
+                base,
+            )
         }
-        "evaluate" => {
-            let config: EvaluateConfig = serde_json::from_value(assignment.job.config.0.clone())
-                .context("the stored evaluate config is unreadable")?;
+        JobSpec::Evaluate(config) => {
             let (model, weights) =
                 base.ok_or_else(|| PermanentError("an evaluate job needs base_model_id".into()))?;
             let backbone = Backbone::from_name(&model.backbone)
@@ -123,41 +137,8 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                 .evaluation
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("evaluation data missing"))?;
-            ctx.emit(TrainingEvent::Plan {
-                epochs: 1,
-                steps: 1,
-                start_step: 0,
-            });
-            match config.protocol {
-                Protocol::Knn | Protocol::Linear => {
-                    let (_vs, trunk) = load_trunk(&source, ctx.device)?;
-                    let protocols = if config.protocol == Protocol::Knn {
-                        FrozenProtocols::Knn
-                    } else {
-                        FrozenProtocols::Linear
-                    };
-                    let stop = || ctx.stop.requested().is_some();
-                    let report = evaluate_frozen(
-                        &trunk,
-                        &source.input,
-                        ctx.device,
-                        evaluation,
-                        protocols,
-                        &stop,
-                    )?;
-                    Ok(match report {
-                        Some(report) => TrainingOutcome::Evaluated(report),
-                        None => TrainingOutcome::Stopped(
-                            ctx.stop.requested().unwrap_or(StopReason::Release),
-                        ),
-                    })
-                }
-                Protocol::LabelEfficiency => {
-                    run_label_efficiency(ctx, &source, evaluation, &config)
-                }
-            }
+            run_evaluation(ctx, &source, evaluation, config)
         }
-        other => anyhow::bail!("unknown job kind `{other}`"),
     }
 }
 
@@ -181,15 +162,10 @@ fn spawn_training_thread(device: Device) -> std::io::Result<std_mpsc::Sender<Ass
 }
 
 /// Explains an error for the job's `error` field, with a hint where one helps.
-fn describe_failure(error: &anyhow::Error, job: &Job) -> JobEnd {
+fn describe_failure(error: &anyhow::Error, spec: &JobSpec) -> JobEnd {
     let message = format!("{error:#}");
     if message.contains("out of memory") {
-        let batch = job
-            .config
-            .0
-            .get("batch_size")
-            .and_then(|b| b.as_i64())
-            .unwrap_or(0);
+        let batch = spec.batch_size();
         return JobEnd::Failed(format!(
             "out of memory at batch_size {batch}; lower config.batch_size or config.image_size ({message})"
         ));
@@ -251,44 +227,88 @@ impl Worker {
         Ok(Some(job_id))
     }
 
+    /// Runs a claimed job: prepare its inputs, run it on the training
+    /// thread, and settle its end in the database.
     async fn execute(&self, job: Job, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let prepared = match self.prepare(&job).await? {
+            Ok(prepared) => prepared,
+            Err(end) => {
+                finish_job(&self.pool, job.id, self.id, &end).await?;
+                return Ok(());
+            }
+        };
+        let model_id = Uuid::now_v7();
+        let spec = prepared.spec.clone();
+        let base = prepared.base.clone();
+        let end = self
+            .train_on_thread(&job, prepared, model_id, shutdown)
+            .await?;
+        if end.lease_lost {
+            let _ = self
+                .storage
+                .remove_dir(&self.storage.model_dir(model_id))
+                .await;
+            return Ok(());
+        }
+        self.settle(&job, &spec, base, model_id, end).await
+    }
+
+    /// Reads the job's spec and looks up and fetches what it runs on; the
+    /// `Err` is how the job ends when something it needs is gone.
+    async fn prepare(&self, job: &Job) -> anyhow::Result<Result<Prepared, JobEnd>> {
+        let spec = match JobSpec::of(job) {
+            Ok(spec) => spec,
+            Err(error) => {
+                let reason = format!("the stored {} config is unreadable: {error}", job.kind);
+                return Ok(Err(JobEnd::Failed(reason)));
+            }
+        };
         let dataset = match job.dataset_id {
             Some(id) => get_dataset(&self.pool, job.tenant_id, id).await?,
             None => None,
         };
         let Some(dataset) = dataset else {
-            let end = JobEnd::Failed("the job's dataset was deleted".to_string());
-            finish_job(&self.pool, job.id, self.id, &end).await?;
-            return Ok(());
+            let reason = "the job's dataset was deleted".to_string();
+            return Ok(Err(JobEnd::Failed(reason)));
         };
         let base = match job.base_model_id {
             Some(id) => match get_model(&self.pool, job.tenant_id, id).await? {
                 Some(model) => Some(model),
                 None => {
-                    let end = JobEnd::Failed("the job's base model was deleted".to_string());
-                    finish_job(&self.pool, job.id, self.id, &end).await?;
-                    return Ok(());
+                    let reason = "the job's base model was deleted".to_string();
+                    return Ok(Err(JobEnd::Failed(reason)));
                 }
             },
             None => None,
         };
-        if let Err(error) = self.fetch_inputs(&job, &dataset, base.as_ref()).await {
-            let end = JobEnd::Retryable(format!("{error:#}"));
+        if let Err(error) = self.fetch_inputs(job, &spec, &dataset, base.as_ref()).await {
             tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "inputs unavailable");
-            finish_job(&self.pool, job.id, self.id, &end).await?;
-            return Ok(());
+            return Ok(Err(JobEnd::Retryable(format!("{error:#}"))));
         }
-        let evaluation = match self.evaluation_data(&job, &dataset).await? {
+        let evaluation = match self.evaluation_data(job, &spec, &dataset).await? {
             Ok(evaluation) => evaluation,
-            Err(reason) => {
-                finish_job(&self.pool, job.id, self.id, &JobEnd::Failed(reason)).await?;
-                return Ok(());
-            }
+            Err(reason) => return Ok(Err(JobEnd::Failed(reason))),
         };
-        let model_id = Uuid::now_v7();
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        Ok(Ok(Prepared {
+            spec,
+            dataset,
+            base,
+            evaluation,
+        }))
+    }
+
+    /// Hands the job to the training thread and, while it trains, records
+    /// its events and renews the lease, until the thread answers.
+    async fn train_on_thread(
+        &self,
+        job: &Job,
+        prepared: Prepared,
+        model_id: Uuid,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<RunEnd> {
+        let (events_tx, events) = mpsc::unbounded_channel();
         let stop = StopSignal::default();
-        let (reply, mut outcome) = oneshot::channel();
+        let (reply, outcome) = oneshot::channel();
         let assignment = Assignment {
             ctx: TrainingContext {
                 job_id: job.id,
@@ -299,68 +319,31 @@ impl Worker {
                 events: events_tx,
                 max_image_pixels: self.settings.max_image_pixels,
             },
-            dataset_dir: self.storage.dataset_dir(dataset.id),
-            base_weights: base.as_ref().map(|b| self.storage.model_weights(b.id)),
-            base: base.clone(),
-            evaluation,
-            dataset,
-            job: job.clone(),
+            dataset_dir: self.storage.dataset_dir(prepared.dataset.id),
+            channels: prepared.dataset.channels as u8,
+            base: prepared.base.map(|model| {
+                let weights = self.storage.model_weights(model.id);
+                (model, weights)
+            }),
+            evaluation: prepared.evaluation,
+            spec: prepared.spec,
             reply,
         };
         self.trainer
             .send(assignment)
             .map_err(|_| anyhow::anyhow!("the training thread has stopped"))?;
-
-        let mut progress = job.progress.0;
-        let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
-        heartbeat.tick().await;
         let lease_lost = AtomicBool::new(false);
+        let mut progress = job.progress.0;
         let result = {
             // Checkpoints are published and events recorded in order, beside
             // the heartbeat rather than in its way: a slow upload of a large
             // checkpoint must not let the lease expire.
-            let recorder = async {
-                while let Some(event) = events.recv().await {
-                    self.publish_if_checkpoint(&job, &event).await;
-                    match self.record_event(&job, &mut progress, event).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            lease_lost.store(true, Ordering::SeqCst);
-                            stop.request(StopReason::Release);
-                        }
-                        // The heartbeat decides whether the job is still ours.
-                        Err(error) => {
-                            tracing::warn!(job_id = %job.id, %error, "progress not recorded")
-                        }
-                    }
-                }
-            };
+            let recorder = self.record_events(job, &mut progress, events, &stop, &lease_lost);
             // The heartbeat is a future of its own, polled beside the
             // recorder: a renewal waits for the row lock of a progress
             // transaction, which commits only while the recorder is polled.
-            let renewals = async {
-                loop {
-                    heartbeat.tick().await;
-                    match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
-                        Ok(LeaseStatus::Held {
-                            cancel_requested: true,
-                        }) => stop.request(StopReason::Cancel),
-                        Ok(LeaseStatus::Held {
-                            cancel_requested: false,
-                        }) => {}
-                        Ok(LeaseStatus::Lost) => {
-                            tracing::warn!(job_id = %job.id, "lease lost; stopping");
-                            lease_lost.store(true, Ordering::SeqCst);
-                            stop.request(StopReason::Release);
-                        }
-                        Err(error) => {
-                            tracing::warn!(job_id = %job.id, %error, "heartbeat failed")
-                        }
-                    }
-                }
-            };
-            tokio::pin!(recorder);
-            tokio::pin!(renewals);
+            let renewals = self.renew_lease_while_running(job, &stop, &lease_lost);
+            tokio::pin!(recorder, renewals, outcome);
             let mut recorded = false;
             let mut shutdown_seen = false;
             let result = loop {
@@ -368,7 +351,7 @@ impl Worker {
                     result = &mut outcome => break result.unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread died"))),
                     // Ends once the training thread lets go of its sender.
                     () = &mut recorder, if !recorded => recorded = true,
-                    _ = &mut renewals => unreachable!("the heartbeat runs until the job ends"),
+                    never = &mut renewals => match never {},
                     _ = shutdown.cancelled(), if !shutdown_seen => {
                         shutdown_seen = true;
                         stop.request(StopReason::Release);
@@ -379,62 +362,97 @@ impl Worker {
             if !recorded {
                 recorder.await;
             }
-            // Nothing trains here any more, before the job's end is visible.
-            crate::telemetry::observe_training_stopped(&device_name(self.device));
             result
         };
-        let lease_lost = lease_lost.load(Ordering::SeqCst);
-        if lease_lost {
-            let _ = self
-                .storage
-                .remove_dir(&self.storage.model_dir(model_id))
-                .await;
-            return Ok(());
+        // Nothing trains here any more, before the job's end is visible.
+        crate::telemetry::observe_training_stopped(&device_name(self.device));
+        Ok(RunEnd {
+            result,
+            progress,
+            lease_lost: lease_lost.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Records the training thread's events in order until it lets go of
+    /// its sender; a write that finds the lease gone stops the job.
+    async fn record_events(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        mut events: mpsc::UnboundedReceiver<TrainingEvent>,
+        stop: &StopSignal,
+        lease_lost: &AtomicBool,
+    ) {
+        while let Some(event) = events.recv().await {
+            self.publish_if_checkpoint(job, &event).await;
+            match self.record_event(job, progress, event).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lease_lost.store(true, Ordering::SeqCst);
+                    stop.request(StopReason::Release);
+                }
+                // The heartbeat decides whether the job is still ours.
+                Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
+            }
         }
-        match result {
-            Ok(TrainingOutcome::Finished(mut artifact)) => {
-                if let Some(report) = artifact.report.as_mut() {
-                    flag_pretraining_data_in_online_evaluation(&job, report);
+    }
+
+    /// Renews the lease every third of its length, forever; asks the job to
+    /// stop when it is cancelled or the lease is lost.
+    async fn renew_lease_while_running(
+        &self,
+        job: &Job,
+        stop: &StopSignal,
+        lease_lost: &AtomicBool,
+    ) -> std::convert::Infallible {
+        let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
+        heartbeat.tick().await;
+        loop {
+            heartbeat.tick().await;
+            match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
+                Ok(LeaseStatus::Held {
+                    cancel_requested: true,
+                }) => stop.request(StopReason::Cancel),
+                Ok(LeaseStatus::Held {
+                    cancel_requested: false,
+                }) => {}
+                Ok(LeaseStatus::Lost) => {
+                    tracing::warn!(job_id = %job.id, "lease lost; stopping");
+                    lease_lost.store(true, Ordering::SeqCst);
+                    stop.request(StopReason::Release);
                 }
-                if let Err(error) = self.storage.publish_model(model_id).await {
-                    self.storage.remove_model(model_id).await?;
-                    let end = JobEnd::Retryable(format!("{error:#}"));
-                    tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "model not published");
-                    finish_job(&self.pool, job.id, self.id, &end).await?;
-                    return Ok(());
-                }
-                progress.step = progress.steps;
-                progress.epoch = progress.epochs;
-                let base_pretext = base.and_then(|b| b.pretext);
-                let written = finish_succeeded(
-                    &self.pool,
-                    &job,
-                    self.id,
-                    model_id,
-                    base_pretext,
-                    &artifact,
-                    progress,
-                )
-                .await;
-                match written {
-                    Ok(true) => {
-                        tracing::info!(job_id = %job.id, %model_id, "job succeeded");
-                        self.storage.remove_checkpoint(job.id).await?;
-                    }
-                    other => {
-                        self.storage.remove_model(model_id).await?;
-                        other?;
-                    }
-                }
+                Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Writes how the job ended: its model or report on success, else its
+    /// end (cancelled, released, failed or to be retried).
+    async fn settle(
+        &self,
+        job: &Job,
+        spec: &JobSpec,
+        base: Option<Model>,
+        model_id: Uuid,
+        end: RunEnd,
+    ) -> anyhow::Result<()> {
+        // A job that succeeds has done all its steps.
+        let done = Progress {
+            step: end.progress.steps,
+            epoch: end.progress.epochs,
+            ..end.progress
+        };
+        match end.result {
+            Ok(TrainingOutcome::Finished(artifact)) => {
+                self.settle_model(job, spec, base.as_ref(), model_id, artifact, done)
+                    .await?;
             }
             Ok(TrainingOutcome::Evaluated(mut report)) => {
                 if let Some(model) = &base {
-                    self.flag_test_images_seen_in_training(&job, model, &mut report)
+                    self.flag_test_images_seen_in_training(job, spec, model, &mut report)
                         .await?;
                 }
-                progress.step = progress.steps;
-                progress.epoch = progress.epochs;
-                if finish_evaluated(&self.pool, &job, self.id, &report, progress).await? {
+                if finish_evaluated(&self.pool, job, self.id, &report, done).await? {
                     tracing::info!(job_id = %job.id, "evaluation succeeded");
                 }
             }
@@ -448,7 +466,7 @@ impl Worker {
                 tracing::info!(job_id = %job.id, "job released back to the queue");
             }
             Err(error) => {
-                let end = describe_failure(&error, &job);
+                let end = describe_failure(&error, spec);
                 tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "job failed");
                 finish_job(&self.pool, job.id, self.id, &end).await?;
             }
@@ -456,21 +474,133 @@ impl Worker {
         Ok(())
     }
 
+    /// Describes, stores and records the model a job trained; retried when
+    /// it cannot be stored, discarded when the lease is gone.
+    async fn settle_model(
+        &self,
+        job: &Job,
+        spec: &JobSpec,
+        base: Option<&Model>,
+        model_id: Uuid,
+        mut artifact: ModelArtifact,
+        done: Progress,
+    ) -> anyhow::Result<()> {
+        if let Some(report) = artifact.report.as_mut() {
+            flag_pretraining_data_in_online_evaluation(job, spec, report);
+        }
+        let stored = async {
+            let description = self
+                .describe_model(job, spec, base, model_id, &artifact)
+                .await?;
+            self.store_model(&description).await?;
+            anyhow::Ok(description)
+        };
+        let description = match stored.await {
+            Ok(description) => description,
+            Err(error) => {
+                self.storage.remove_model(model_id).await?;
+                tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "model not published");
+                let end = JobEnd::Retryable(format!("{error:#}"));
+                finish_job(&self.pool, job.id, self.id, &end).await?;
+                return Ok(());
+            }
+        };
+        let written = finish_succeeded(
+            &self.pool,
+            job,
+            self.id,
+            &description,
+            artifact.report.as_ref(),
+            done,
+        )
+        .await;
+        match written {
+            Ok(true) => {
+                tracing::info!(job_id = %job.id, %model_id, "job succeeded");
+                self.storage.remove_checkpoint(job.id).await?;
+            }
+            other => {
+                self.storage.remove_model(model_id).await?;
+                other?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The description of the model a job just trained: the artifact's
+    /// architecture and metrics, the job's config, the dataset's hash, and
+    /// for a classifier its base's pretext task (whose settings are the
+    /// base's own, `parent_model_id`).
+    async fn describe_model(
+        &self,
+        job: &Job,
+        spec: &JobSpec,
+        base: Option<&Model>,
+        model_id: Uuid,
+        artifact: &ModelArtifact,
+    ) -> anyhow::Result<ModelDescription> {
+        let dataset_hash = match job.dataset_id {
+            Some(id) => {
+                let dir = self.storage.dataset_dir(id);
+                let hash = tokio::task::spawn_blocking(move || dataset_content_hash(&dir))
+                    .await
+                    .context("the dataset hashing thread failed")??;
+                Some(hash)
+            }
+            None => None,
+        };
+        Ok(ModelDescription {
+            format: DESCRIPTION_FORMAT,
+            id: model_id,
+            kind: artifact.kind.to_string(),
+            backbone: artifact.backbone.to_string(),
+            input: artifact.input.clone(),
+            embedding_dim: artifact.embedding_dim,
+            classes: artifact.classes.clone(),
+            pretext: artifact
+                .pretext
+                .clone()
+                .or_else(|| base.and_then(|b| b.pretext.clone())),
+            pretext_config: artifact.pretext_config.clone(),
+            job: Some(JobOrigin {
+                id: job.id,
+                kind: job.kind.to_string(),
+                config: spec.config_json(),
+            }),
+            dataset_id: job.dataset_id,
+            dataset_hash,
+            parent_model_id: job.base_model_id,
+            metrics: artifact.metrics.clone(),
+            tch_version: Some(TCH_VERSION.to_string()),
+            libtorch_version: Some(LIBTORCH_VERSION.to_string()),
+            created_at: chrono::Utc::now(),
+        })
+    }
+
+    /// Writes `model.json` beside the weights and shares both.
+    async fn store_model(&self, description: &ModelDescription) -> anyhow::Result<()> {
+        let bytes =
+            serde_json::to_vec_pretty(description).context("Failed to describe the model")?;
+        let path = self.storage.model_description(description.id);
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .context("the description writing thread failed")??;
+        self.storage.publish_model(description.id).await
+    }
+
     /// Brings the job's datasets, base model and last checkpoint into the
     /// local folder when storage is shared through object storage.
     async fn fetch_inputs(
         &self,
         job: &Job,
+        spec: &JobSpec,
         dataset: &Dataset,
         base: Option<&Model>,
     ) -> anyhow::Result<()> {
         self.storage.fetch_dataset(dataset.id).await?;
-        for key in ["eval_dataset_id", "test_dataset_id"] {
-            let other = job.config.0.get(key).and_then(|v| v.as_str());
-            if let Some(id) = other.and_then(|s| s.parse::<Uuid>().ok()) {
-                if get_dataset(&self.pool, job.tenant_id, id).await?.is_some() {
-                    self.storage.fetch_dataset(id).await?;
-                }
+        if let Some(id) = spec.other_dataset() {
+            if get_dataset(&self.pool, job.tenant_id, id).await?.is_some() {
+                self.storage.fetch_dataset(id).await?;
             }
         }
         if let Some(base) = base {
@@ -486,10 +616,11 @@ impl Worker {
     async fn flag_test_images_seen_in_training(
         &self,
         job: &Job,
+        spec: &JobSpec,
         model: &Model,
         report: &mut EvaluationReport,
     ) -> anyhow::Result<()> {
-        let Some(test_source) = config_dataset(job, "test_dataset_id").or(job.dataset_id) else {
+        let Some(test_source) = spec.other_dataset().or(job.dataset_id) else {
             return Ok(());
         };
         let mut lineage = Some(model.clone());
@@ -530,42 +661,34 @@ impl Worker {
     async fn evaluation_data(
         &self,
         job: &Job,
+        spec: &JobSpec,
         dataset: &Dataset,
     ) -> anyhow::Result<Result<Option<EvaluationData>, String>> {
-        let config = &job.config.0;
-        let seed = config.get("seed").and_then(|v| v.as_i64()).unwrap_or(0);
-        let frozen_defaults = |dataset_dir, test_dataset_dir, test_fraction| EvaluationData {
+        let data = |dataset_dir, test_dataset_dir, test_fraction, seed, probes| EvaluationData {
             dataset_dir,
             test_dataset_dir,
             test_fraction,
             seed,
             max_image_pixels: self.settings.max_image_pixels,
-            k: 20,
-            knn_temperature: 0.07,
-            linear_epochs: 100,
-            linear_learning_rate: 0.01,
+            probes,
         };
-        match job.kind.as_str() {
-            "pretrain" => {
-                let Some(id) = config
-                    .get("eval_dataset_id")
-                    .and_then(|v| v.as_str())
-                    .and_then(|s| s.parse::<Uuid>().ok())
-                else {
+        match spec {
+            JobSpec::Pretrain(config) => {
+                let Some(id) = config.eval_dataset_id else {
                     return Ok(Ok(None));
                 };
                 if get_dataset(&self.pool, job.tenant_id, id).await?.is_none() {
                     return Ok(Err(format!("the evaluation dataset {id} was deleted")));
                 }
-                Ok(Ok(Some(frozen_defaults(
+                Ok(Ok(Some(data(
                     self.storage.dataset_dir(id),
                     None,
-                    0.2,
+                    DEFAULT_TEST_FRACTION,
+                    config.seed,
+                    FrozenProbeSettings::default(),
                 ))))
             }
-            "evaluate" => {
-                let config: EvaluateConfig = serde_json::from_value(config.clone())
-                    .context("the stored evaluate config is unreadable")?;
+            JobSpec::Evaluate(config) => {
                 let test_dir = match config.test_dataset_id {
                     Some(id) => {
                         if get_dataset(&self.pool, job.tenant_id, id).await?.is_none() {
@@ -575,19 +698,15 @@ impl Worker {
                     }
                     None => None,
                 };
-                let mut data = frozen_defaults(
+                Ok(Ok(Some(data(
                     self.storage.dataset_dir(dataset.id),
                     test_dir,
                     config.test_fraction,
-                );
-                data.k = config.k;
-                data.knn_temperature = config.knn_temperature;
-                data.linear_epochs = config.linear_epochs;
-                data.linear_learning_rate = config.linear_learning_rate;
-                data.seed = config.seed;
-                Ok(Ok(Some(data)))
+                    config.seed,
+                    config.probes,
+                ))))
             }
-            _ => Ok(Ok(None)),
+            JobSpec::Finetune(_) => Ok(Ok(None)),
         }
     }
 
@@ -671,19 +790,14 @@ impl Worker {
     }
 }
 
-/// A dataset id in a job's config (`eval_dataset_id`, `test_dataset_id`).
-fn config_dataset(job: &Job, field: &str) -> Option<Uuid> {
-    job.config
-        .0
-        .get(field)
-        .and_then(|v| v.as_str())
-        .and_then(|s| s.parse().ok())
-}
-
 /// Flags the report of a pretrain job evaluated on its own pretraining
 /// dataset: accepted, since the encoder never saw the labels, but said.
-fn flag_pretraining_data_in_online_evaluation(job: &Job, report: &mut EvaluationReport) {
-    if job.dataset_id.is_some() && config_dataset(job, "eval_dataset_id") == job.dataset_id {
+fn flag_pretraining_data_in_online_evaluation(
+    job: &Job,
+    spec: &JobSpec,
+    report: &mut EvaluationReport,
+) {
+    if job.dataset_id.is_some() && spec.other_dataset() == job.dataset_id {
         report.test_images_seen_in_pretraining = true;
         report.note = Some(
             "config.eval_dataset_id is the pretraining dataset: the encoder has seen these test \

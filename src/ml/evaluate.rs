@@ -22,7 +22,7 @@ use super::training::{
 };
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
-use crate::jobs::config::EvaluateConfig;
+use crate::jobs::config::{EvaluateConfig, FrozenProbeSettings, Protocol};
 
 /// Images per forward pass when embedding.
 const EMBED_BATCH: i64 = 256;
@@ -38,10 +38,7 @@ pub struct EvaluationData {
     pub test_fraction: f64,
     pub seed: i64,
     pub max_image_pixels: u64,
-    pub k: i64,
-    pub knn_temperature: f64,
-    pub linear_epochs: i64,
-    pub linear_learning_rate: f64,
+    pub probes: FrozenProbeSettings,
 }
 
 /// Which frozen-embedding protocols to run.
@@ -316,17 +313,21 @@ pub fn evaluate_frozen(
         num_classes,
     };
     if protocols != FrozenProtocols::Linear {
-        let accuracy = knn_accuracy(&labelled, evaluation.k, evaluation.knn_temperature);
+        let accuracy = knn_accuracy(
+            &labelled,
+            evaluation.probes.k,
+            evaluation.probes.knn_temperature,
+        );
         summary.insert("knn_accuracy".to_string(), accuracy);
         columns.extend(["k".to_string(), "knn_accuracy".to_string()]);
-        row.insert("k".into(), evaluation.k.into());
+        row.insert("k".into(), evaluation.probes.k.into());
         row.insert("knn_accuracy".into(), accuracy.into());
     }
     if protocols != FrozenProtocols::Knn {
         let Some(accuracy) = linear_probe_accuracy(
             &labelled,
-            evaluation.linear_epochs,
-            evaluation.linear_learning_rate,
+            evaluation.probes.linear_epochs,
+            evaluation.probes.linear_learning_rate,
             evaluation.seed,
             stop,
         )?
@@ -352,6 +353,40 @@ pub fn evaluate_frozen(
         test_images_seen_in_pretraining: false,
         note: None,
     }))
+}
+
+/// Runs an evaluate job's protocol on the encoder `source`: kNN or a linear
+/// probe on its frozen embeddings, or the label-efficiency comparison.
+pub fn run_evaluation(
+    ctx: &TrainingContext,
+    source: &EncoderSource,
+    evaluation: &EvaluationData,
+    config: &EvaluateConfig,
+) -> anyhow::Result<TrainingOutcome> {
+    ctx.emit(TrainingEvent::Plan {
+        epochs: 1,
+        steps: 1,
+        start_step: 0,
+    });
+    let protocols = match config.protocol {
+        Protocol::Knn => FrozenProtocols::Knn,
+        Protocol::Linear => FrozenProtocols::Linear,
+        Protocol::LabelEfficiency => return run_label_efficiency(ctx, source, evaluation, config),
+    };
+    let (_vs, trunk) = load_trunk(source, ctx.device)?;
+    let stop = || ctx.stop.requested().is_some();
+    let report = evaluate_frozen(
+        &trunk,
+        &source.input,
+        ctx.device,
+        evaluation,
+        protocols,
+        &stop,
+    )?;
+    Ok(match report {
+        Some(report) => TrainingOutcome::Evaluated(report),
+        None => TrainingOutcome::Stopped(ctx.stop.requested().unwrap_or(StopReason::Release)),
+    })
 }
 
 /// The encoder under evaluation.

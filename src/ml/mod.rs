@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod backbone;
 pub mod checkpoint;
+pub mod description;
 pub mod device;
 pub mod evaluate;
 pub mod finetune;

@@ -69,7 +69,11 @@ pub fn run_pretrain(
     let vs = nn::VarStore::new(ctx.device);
     let root = vs.root();
     let trunk = config.backbone.build(&root, channels as i64);
-    let task = PretextTask::build(&(&root / HEAD_PATH), config, config.backbone.feature_dim());
+    let task = PretextTask::build(
+        &(&root / HEAD_PATH),
+        &config.pretext,
+        config.backbone.feature_dim(),
+    );
     channels_last_weights(&vs);
     let mut optimizer = AdamW::new(&vs, config.learning_rate, config.weight_decay)?;
 

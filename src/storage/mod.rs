@@ -35,6 +35,8 @@ pub struct Storage {
 const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
 const CHECKPOINT_STATE: &str = "checkpoint.json";
 const MODEL_WEIGHTS: &str = "weights.safetensors";
+/// A model's description, beside its weights.
+const MODEL_DESCRIPTION: &str = "model.json";
 /// The extension of an upload being received.
 const UPLOAD_EXTENSION: &str = "part";
 
@@ -95,7 +97,13 @@ impl Storage {
 
     /// The `.safetensors` weights of a model.
     pub fn model_weights(&self, id: Uuid) -> PathBuf {
-        self.model_dir(id).join("weights.safetensors")
+        self.model_dir(id).join(MODEL_WEIGHTS)
+    }
+
+    /// The `model.json` description of a model (absent for models stored
+    /// before descriptions were written).
+    pub fn model_description(&self, id: Uuid) -> PathBuf {
+        self.model_dir(id).join(MODEL_DESCRIPTION)
     }
 
     /// Folder of one job's checkpoint.
@@ -160,13 +168,12 @@ impl Storage {
         }
     }
 
-    /// Shares a model's weights once they are written.
+    /// Shares a model's weights and description once they are written.
     pub async fn publish_model(&self, id: Uuid) -> anyhow::Result<()> {
         match &self.mirror {
             Some(mirror) => {
-                mirror
-                    .publish_files(&format!("models/{id}"), &[self.model_weights(id)])
-                    .await
+                let files = [self.model_weights(id), self.model_description(id)];
+                mirror.publish_files(&format!("models/{id}"), &files).await
             }
             None => Ok(()),
         }
@@ -187,6 +194,14 @@ impl Storage {
             "model {id}'s weights are not in {}",
             mirror.url()
         );
+        // Models shared before descriptions were written have none.
+        mirror
+            .fetch_file(
+                &format!("models/{id}"),
+                MODEL_DESCRIPTION,
+                &self.model_dir(id),
+            )
+            .await?;
         Ok(())
     }
 

@@ -19,6 +19,131 @@ use tch::Tensor;
 
 use super::ImageBatch;
 
+use crate::validation::{FieldChecker, FieldError};
+
+/// Jigsaw's settings as sent in a pretrain job's `config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JigsawConfigRequest {
+    pub grid: Option<i64>,
+    pub tile_size: Option<i64>,
+    pub num_permutations: Option<i64>,
+    pub permutation_seed: Option<i64>,
+    pub grayscale_probability: Option<f64>,
+    pub channel_jitter: Option<f64>,
+}
+
+/// The fields of [`JigsawConfigRequest`], as the API names them.
+pub const FIELDS: &[&str] = &[
+    "grid",
+    "tile_size",
+    "num_permutations",
+    "permutation_seed",
+    "grayscale_probability",
+    "channel_jitter",
+];
+
+/// Jigsaw's settings, every default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JigsawConfig {
+    /// Cells per side of the puzzle.
+    pub grid: i64,
+    /// Side of a tile; smaller than a cell, so tiles have gaps between them.
+    pub tile_size: i64,
+    /// Size of the permutation set (the number of classes).
+    pub num_permutations: i64,
+    /// Seed of the permutation set's greedy choice.
+    pub permutation_seed: i64,
+    /// Chance that a colour puzzle is made grey.
+    pub grayscale_probability: f64,
+    /// Per-channel scale and shift amplitude.
+    pub channel_jitter: f64,
+}
+
+/// The side of a tile and the colour remedies of a tile-based task, read
+/// with their defaults: a tile is 7/8 of a cell unless told.
+pub(crate) fn resolve_tile_fields(
+    c: &mut FieldChecker,
+    grid: i64,
+    image_size: i64,
+    tile_size: Option<i64>,
+    grayscale_probability: Option<f64>,
+    channel_jitter: Option<f64>,
+) -> PuzzleShape {
+    let cell = image_size / grid.max(1);
+    PuzzleShape {
+        grid,
+        tile_size: c.int(
+            "tile_size",
+            tile_size,
+            (cell * 7 / 8).max(4),
+            4,
+            cell.max(4),
+        ),
+        grayscale_probability: c.float(
+            "grayscale_probability",
+            grayscale_probability,
+            0.3,
+            0.0,
+            1.0,
+            false,
+        ),
+        channel_jitter: c.float("channel_jitter", channel_jitter, 0.1, 0.0, 1.0, false),
+    }
+}
+
+fn factorial_capped(n: i64, cap: i64) -> i64 {
+    (1..=n)
+        .try_fold(1i64, |acc, k| acc.checked_mul(k))
+        .unwrap_or(i64::MAX)
+        .min(cap)
+}
+
+impl JigsawConfigRequest {
+    /// Fills defaults for `image_size` pixels and validates.
+    pub fn resolve(self, image_size: i64) -> Result<JigsawConfig, Vec<FieldError>> {
+        let mut c = FieldChecker::new();
+        let grid = c.int("grid", self.grid, 3, 2, 4);
+        let shape = resolve_tile_fields(
+            &mut c,
+            grid,
+            image_size,
+            self.tile_size,
+            self.grayscale_probability,
+            self.channel_jitter,
+        );
+        let max_permutations = factorial_capped(grid * grid, 2000);
+        let num_permutations = c.int(
+            "num_permutations",
+            self.num_permutations,
+            100.min(max_permutations),
+            2,
+            max_permutations,
+        );
+        let permutation_seed = c.int("permutation_seed", self.permutation_seed, 1, 0, i64::MAX);
+        c.finish(JigsawConfig {
+            grid,
+            tile_size: shape.tile_size,
+            num_permutations,
+            permutation_seed,
+            grayscale_probability: shape.grayscale_probability,
+            channel_jitter: shape.channel_jitter,
+        })
+    }
+}
+
+impl JigsawConfig {
+    /// How puzzles are cut.
+    pub fn shape(&self) -> PuzzleShape {
+        PuzzleShape {
+            grid: self.grid,
+            tile_size: self.tile_size,
+            grayscale_probability: self.grayscale_probability,
+            channel_jitter: self.channel_jitter,
+        }
+    }
+}
+
 /// The fixed set of tile permutations a jigsaw network classifies.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JigsawPermutationSet {

@@ -2,6 +2,12 @@
 //! and free targets, and owns the head that sits on the shared trunk during
 //! pretraining. Only the trunk survives into the encoder.
 //!
+//! Each task's file owns its settings: the request struct with its fields'
+//! defaults and validation, and the resolved config stored with the job and
+//! the model. [`PretextConfig`] is their tagged union. Adding a task is one
+//! new file here and one variant of [`PretextConfig`] and [`PretextTask`]
+//! (the compiler then names every `match` to extend).
+//!
 //! Building a batch ([`BatchRecipe::build`]) needs only the pixels and a
 //! random generator, not the network, so it runs on the CPU away from the
 //! training step ([`crate::ml::prefetch`]); the step ([`PretextTask::step`])
@@ -13,16 +19,140 @@ pub mod rotation;
 pub mod simclr;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::loader::normalise;
-use crate::jobs::config::{Pretext, PretrainConfig};
 use crate::ml::device::{channels_last, mixed_precision, to_device_async};
-use jigsaw::{make_puzzles, JigsawHead, JigsawPermutationSet, PuzzleShape};
-use relative_position::{make_pairs, RelativePositionHead};
-use rotation::{draw_flips, make_rotations, RotationHead};
-use simclr::{make_views, nt_xent, ProjectionHead, ViewAugmentation};
+use crate::validation::{parse_config_object, FieldChecker, FieldError};
+use jigsaw::{
+    make_puzzles, JigsawConfig, JigsawConfigRequest, JigsawHead, JigsawPermutationSet, PuzzleShape,
+};
+use relative_position::{
+    make_pairs, RelativePositionConfig, RelativePositionConfigRequest, RelativePositionHead,
+};
+use rotation::{draw_flips, make_rotations, RotationConfig, RotationConfigRequest, RotationHead};
+use simclr::{
+    make_views, nt_xent, ProjectionHead, SimclrConfig, SimclrConfigRequest, ViewAugmentation,
+};
+
+/// A pretext task and its settings, every default filled in. Stored flat in
+/// a pretrain job's config: `{"pretext": "jigsaw", "grid": 3, …}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "pretext", rename_all = "snake_case")]
+pub enum PretextConfig {
+    /// Noroozi & Favaro 2016: which permutation shuffled the tiles.
+    Jigsaw(JigsawConfig),
+    /// Gidaris et al. 2018: by how many quarter turns the image was rotated.
+    Rotation(RotationConfig),
+    /// Chen et al. 2020: which other view in the batch comes from the same image.
+    Simclr(SimclrConfig),
+    /// Doersch et al. 2015: where a patch sits relative to the centre patch.
+    RelativePosition(RelativePositionConfig),
+}
+
+/// Every task's API name and the config fields it owns.
+const TASKS: [(&str, &[&str]); 4] = [
+    ("jigsaw", jigsaw::FIELDS),
+    ("rotation", rotation::FIELDS),
+    ("simclr", simclr::FIELDS),
+    ("relative_position", relative_position::FIELDS),
+];
+
+/// The task a pretrain job learns when its config names none.
+pub const DEFAULT_PRETEXT: &str = "jigsaw";
+
+impl PretextConfig {
+    /// The task's name in the API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PretextConfig::Jigsaw(_) => "jigsaw",
+            PretextConfig::Rotation(_) => "rotation",
+            PretextConfig::Simclr(_) => "simclr",
+            PretextConfig::RelativePosition(_) => "relative_position",
+        }
+    }
+
+    /// Resolves the task called `name` (the default task when `None`) from
+    /// the config fields that are not the job's own, for `image_size` pixels.
+    /// A field of another task is named with the tasks it belongs to.
+    pub fn resolve(
+        name: Option<&str>,
+        mut fields: serde_json::Map<String, serde_json::Value>,
+        image_size: i64,
+    ) -> Result<Self, Vec<FieldError>> {
+        let name = name.unwrap_or(DEFAULT_PRETEXT);
+        let mut c = FieldChecker::new();
+        let Some(&(_, own)) = TASKS.iter().find(|(task, _)| *task == name) else {
+            let names: Vec<&str> = TASKS.iter().map(|(task, _)| *task).collect();
+            c.reject(
+                "pretext",
+                format!(
+                    "unknown pretext task `{name}`; use one of {}",
+                    names.join(", ")
+                ),
+            );
+            return c.finish(PretextConfig::Rotation(RotationConfig {}));
+        };
+        fields.retain(|field, _| {
+            let owners: Vec<&str> = TASKS
+                .iter()
+                .filter(|(_, fields)| fields.contains(&field.as_str()))
+                .map(|(task, _)| *task)
+                .collect();
+            if owners.is_empty() || own.contains(&field.as_str()) {
+                return true;
+            }
+            c.reject(
+                field,
+                format!(
+                    "applies to {} only; remove it for pretext {name}",
+                    owners.join(" and ")
+                ),
+            );
+            false
+        });
+        let fields = serde_json::Value::Object(fields);
+        let resolved = match name {
+            "jigsaw" => parse_config_object::<JigsawConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::Jigsaw),
+            "rotation" => parse_config_object::<RotationConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::Rotation),
+            "simclr" => parse_config_object::<SimclrConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::Simclr),
+            _ => parse_config_object::<RelativePositionConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::RelativePosition),
+        };
+        match resolved {
+            Ok(config) => c.finish(config),
+            Err(errors) => {
+                c.absorb(errors);
+                c.finish(PretextConfig::Rotation(RotationConfig {}))
+            }
+        }
+    }
+
+    /// Images per step when the job names none.
+    pub fn default_batch_size(&self) -> i64 {
+        match self {
+            PretextConfig::Simclr(_) => simclr::DEFAULT_BATCH_SIZE,
+            _ => 64,
+        }
+    }
+
+    /// The smallest batch the task can learn from.
+    pub fn min_batch_size(&self) -> i64 {
+        match self {
+            PretextConfig::Simclr(_) => simclr::MIN_BATCH_SIZE,
+            _ => 1,
+        }
+    }
+}
 
 /// Some images of a dataset held as CHW uint8 pixels, one image after another.
 #[derive(Debug, Clone, Copy)]
@@ -168,25 +298,15 @@ pub enum PretextTask {
     },
 }
 
-/// The tile geometry and colour remedies of the tile-based tasks.
-fn puzzle_shape(config: &PretrainConfig) -> PuzzleShape {
-    PuzzleShape {
-        grid: config.grid.unwrap_or(3),
-        tile_size: config.tile_size.unwrap_or(4),
-        grayscale_probability: config.grayscale_probability.unwrap_or(0.0),
-        channel_jitter: config.channel_jitter.unwrap_or(0.0),
-    }
-}
-
 impl PretextTask {
     /// Builds the task's head under `p` for a trunk of `feature_dim` features.
-    pub fn build(p: &nn::Path, config: &PretrainConfig, feature_dim: i64) -> Self {
-        match config.pretext {
-            Pretext::Jigsaw => {
+    pub fn build(p: &nn::Path, config: &PretextConfig, feature_dim: i64) -> Self {
+        match config {
+            PretextConfig::Jigsaw(jigsaw) => {
                 let permutations = JigsawPermutationSet::generate(
-                    config.grid.unwrap_or(3),
-                    config.num_permutations.unwrap_or(100) as usize,
-                    config.permutation_seed.unwrap_or(1) as u64,
+                    jigsaw.grid,
+                    jigsaw.num_permutations as usize,
+                    jigsaw.permutation_seed as u64,
                 );
                 let head = JigsawHead::new(
                     p,
@@ -197,25 +317,21 @@ impl PretextTask {
                 PretextTask::Jigsaw {
                     head,
                     permutations,
-                    permutation_seed: config.permutation_seed.unwrap_or(1),
-                    shape: puzzle_shape(config),
+                    permutation_seed: jigsaw.permutation_seed,
+                    shape: jigsaw.shape(),
                 }
             }
-            Pretext::Rotation => PretextTask::Rotation {
+            PretextConfig::Rotation(_) => PretextTask::Rotation {
                 head: RotationHead::new(p, feature_dim),
             },
-            Pretext::RelativePosition => PretextTask::RelativePosition {
+            PretextConfig::RelativePosition(relative) => PretextTask::RelativePosition {
                 head: RelativePositionHead::new(p, feature_dim),
-                shape: puzzle_shape(config),
+                shape: relative.shape(),
             },
-            Pretext::Simclr => PretextTask::Simclr {
-                head: ProjectionHead::new(p, feature_dim, config.projection_dim.unwrap_or(128)),
-                temperature: config.temperature.unwrap_or(0.5),
-                augmentation: ViewAugmentation {
-                    min_crop_scale: config.min_crop_scale.unwrap_or(0.2),
-                    color_jitter: config.color_jitter.unwrap_or(0.4),
-                    blur_from_size: 64,
-                },
+            PretextConfig::Simclr(simclr) => PretextTask::Simclr {
+                head: ProjectionHead::new(p, feature_dim, simclr.projection_dim),
+                temperature: simclr.temperature,
+                augmentation: simclr.augmentation(),
             },
         }
     }

@@ -3,8 +3,31 @@
 //! the network must know which way up objects go.
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+
+use crate::validation::FieldError;
+
+/// Rotation has no settings of its own: every image is shown at all four
+/// quarter turns.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfigRequest {}
+
+/// The fields of [`RotationConfigRequest`]: none.
+pub const FIELDS: &[&str] = &[];
+
+/// Rotation's settings (none).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RotationConfig {}
+
+impl RotationConfigRequest {
+    /// Nothing to fill in or check.
+    pub fn resolve(self, _image_size: i64) -> Result<RotationConfig, Vec<FieldError>> {
+        Ok(RotationConfig {})
+    }
+}
 
 /// The four-way rotation classifier.
 #[derive(Debug)]

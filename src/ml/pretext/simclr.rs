@@ -5,8 +5,89 @@
 //! not the projection head.
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+
+use crate::validation::{FieldChecker, FieldError};
+
+/// SimCLR's settings as sent in a pretrain job's `config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimclrConfigRequest {
+    pub temperature: Option<f64>,
+    pub projection_dim: Option<i64>,
+    pub min_crop_scale: Option<f64>,
+    pub color_jitter: Option<f64>,
+}
+
+/// The fields of [`SimclrConfigRequest`], as the API names them.
+pub const FIELDS: &[&str] = &[
+    "temperature",
+    "projection_dim",
+    "min_crop_scale",
+    "color_jitter",
+];
+
+/// SimCLR's settings, every default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SimclrConfig {
+    /// NT-Xent temperature.
+    pub temperature: f64,
+    /// Output width of the projection head.
+    pub projection_dim: i64,
+    /// Smallest area fraction of a random resized crop.
+    pub min_crop_scale: f64,
+    /// Colour jitter strength.
+    pub color_jitter: f64,
+}
+
+/// SimCLR compares every view with every other view of the batch, so its
+/// batches default larger than the other tasks' and hold at least two images.
+pub const DEFAULT_BATCH_SIZE: i64 = 128;
+/// The smallest batch with a negative for every view.
+pub const MIN_BATCH_SIZE: i64 = 2;
+
+impl SimclrConfigRequest {
+    /// Fills defaults for `image_size` pixels (small images get milder
+    /// crops and colour jitter) and validates.
+    pub fn resolve(self, image_size: i64) -> Result<SimclrConfig, Vec<FieldError>> {
+        let mut c = FieldChecker::new();
+        let small = image_size <= 64;
+        let config = SimclrConfig {
+            temperature: c.float("temperature", self.temperature, 0.5, 0.0, 10.0, true),
+            projection_dim: c.int("projection_dim", self.projection_dim, 128, 8, 4096),
+            min_crop_scale: c.float(
+                "min_crop_scale",
+                self.min_crop_scale,
+                if small { 0.2 } else { 0.08 },
+                0.0,
+                1.0,
+                true,
+            ),
+            color_jitter: c.float(
+                "color_jitter",
+                self.color_jitter,
+                if small { 0.4 } else { 0.8 },
+                0.0,
+                2.0,
+                false,
+            ),
+        };
+        c.finish(config)
+    }
+}
+
+impl SimclrConfig {
+    /// How views are drawn.
+    pub fn augmentation(&self) -> ViewAugmentation {
+        ViewAugmentation {
+            min_crop_scale: self.min_crop_scale,
+            color_jitter: self.color_jitter,
+            blur_from_size: 64,
+        }
+    }
+}
 
 /// How views are drawn.
 #[derive(Debug, Clone, Copy)]
