@@ -13,11 +13,11 @@ use tch::{Device, Tensor};
 use super::backbone::features;
 use super::checkpoint::{load_vars, save_model_weights, CheckpointSchedule};
 use super::optimizer::AdamW;
-use super::pretrain::epoch_order;
 use super::training::{
     cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
     TrainingContext, TrainingEvent, TrainingOutcome,
 };
+use crate::data::batches::{epoch_order, step_rng};
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::{FinetuneConfig, FinetuneMode};
@@ -211,7 +211,7 @@ pub fn run_finetune(
             ctx.device,
         );
         if config.augment {
-            let mut rng = super::pretrain::step_rng(config.seed, step);
+            let mut rng = step_rng(config.seed, step);
             images = augment(&images, &mut rng);
         }
         let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
