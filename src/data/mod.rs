@@ -1,9 +1,10 @@
 //! Images in, tensors out: archive ingestion (with limits and path safety),
 //! decoding and resizing, the on-disk manifest of a dataset, loading a dataset
-//! into a uint8 tensor, stratified splits for few-label training, and the
-//! order of the images in training batches.
+//! into a uint8 tensor, stratified splits for few-label training, the order
+//! of the images in training batches, and augmentation.
 
 pub mod archive;
+pub mod augment;
 pub mod batches;
 pub mod decode;
 pub mod loader;

@@ -13,12 +13,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
-use super::finetune::{augment, evaluate_classifier};
+use super::finetune::evaluate_classifier;
 use super::optimizer::AdamW;
 use super::training::{
     cosine_learning_rate, InputSpec, PermanentError, StopReason, TrainingContext, TrainingEvent,
     TrainingOutcome,
 };
+use crate::data::augment::augment;
 use crate::data::batches::{epoch_order, step_rng};
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
