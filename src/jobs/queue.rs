@@ -14,8 +14,7 @@ use uuid::Uuid;
 
 use crate::db::jobs::{Job, Progress};
 use crate::db::models::{insert_model, ModelOrigin};
-use crate::ml::evaluate::EvaluationReport;
-use crate::ml::training::ModelArtifact;
+use crate::ml::training::{EvaluationReport, ModelArtifact};
 
 /// Claims the oldest queued job for `owner`, or returns `None`.
 pub async fn claim_next_job(

@@ -29,13 +29,13 @@ use crate::ml::backbone::Backbone;
 use crate::ml::device::device_name;
 use crate::ml::evaluate::{
     evaluate_frozen, load_trunk, run_label_efficiency, EncoderSource, EvaluationData,
-    EvaluationReport, FrozenProtocols,
+    FrozenProtocols,
 };
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
-    is_permanent, PermanentError, StopReason, StopSignal, TrainingContext, TrainingEvent,
-    TrainingOutcome,
+    is_permanent, EvaluationReport, PermanentError, StopReason, StopSignal, TrainingContext,
+    TrainingEvent, TrainingOutcome,
 };
 use crate::storage::Storage;
 
