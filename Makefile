@@ -42,10 +42,11 @@ run: build check-postgres
 bench-train: build check-postgres
 	python3 bench/train_throughput/run.py
 
-## lint: formatting, clippy, and a build from exactly what docker/Dockerfile copies
+## lint: formatting, clippy, no import cycle among src/ modules, and a build from exactly what docker/Dockerfile copies
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
+	python3 scripts/check_module_cycles.py
 	scripts/check_docker_context.sh
 
 BROWSER_TEST_DIR := tests/browser

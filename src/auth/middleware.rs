@@ -16,10 +16,9 @@ use uuid::Uuid;
 
 use super::keys::hash_key;
 use super::rate_limit::retry_after_secs;
-use super::Tenant;
+use super::{AuthState, Tenant};
 use crate::db::keys::{find_live_key, touch_key};
 use crate::http::error::ApiError;
-use crate::http::AppState;
 
 /// `last_used_at` is written at most this often per key, not on every request.
 const LAST_USED_RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
@@ -59,7 +58,7 @@ fn client_address(request: &Request) -> IpAddr {
 /// The tenant of the request's key, and the id its rate is counted under;
 /// an unknown or revoked key counts as a failure of `client`.
 async fn authenticate(
-    state: &AppState,
+    state: &AuthState,
     headers: &HeaderMap,
     client: IpAddr,
 ) -> Result<(Tenant, Uuid), ApiError> {
@@ -97,7 +96,7 @@ async fn authenticate(
 /// Middleware on every `/v1` route: throttles addresses that keep failing,
 /// authenticates, rate-limits, and inserts the [`Tenant`] for the handlers.
 pub async fn require_key(
-    State(state): State<AppState>,
+    State(state): State<AuthState>,
     mut request: Request,
     next: Next,
 ) -> Response {

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - `keys`: making a key, its hash and its listed prefix; the first-start key.
-//! - `middleware`: the `/v1` gate (401, 429) and the [`Tenant`] extractor.
+//! - `middleware`: the `/v1` gate (401, 429) and the [`Tenant`] extractor; the
+//!   gate reads only an [`AuthState`], which `http` hands out of its state.
 //! - `rate_limit`: an in-memory token bucket per key.
 //! - `throttle`: failed authentications counted per client address.
 
@@ -14,8 +15,11 @@ pub mod middleware;
 pub mod rate_limit;
 pub mod throttle;
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::http::error::ApiError;
@@ -52,4 +56,15 @@ pub struct Auth {
     /// `None` when failed authentications are not throttled (or
     /// authentication is off).
     pub failed_auth: Option<FailedAuthThrottle>,
+}
+
+/// What the `/v1` gate reads from the server's state: the key store and how
+/// to authenticate. The HTTP layer hands it out of its own state through
+/// `FromRef`, so this module needs nothing else of it.
+#[derive(Clone)]
+pub struct AuthState {
+    /// Where API keys are looked up by their hash.
+    pub pool: PgPool,
+    /// The insecure tenant, the rate limiter and the failed-auth throttle.
+    pub auth: Arc<Auth>,
 }

@@ -9,8 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// File name of the manifest inside a dataset's folder.
-pub const MANIFEST_FILE: &str = "manifest.json";
+use crate::storage::{write_atomic, MANIFEST_FILE};
 
 /// Every stored image of a dataset and its class.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +44,6 @@ impl Manifest {
     /// Writes the manifest atomically into `dataset_dir`.
     pub fn write(&self, dataset_dir: &Path) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(self).context("Failed to serialise the manifest")?;
-        crate::storage::write_atomic(&dataset_dir.join(MANIFEST_FILE), &bytes)
+        write_atomic(&dataset_dir.join(MANIFEST_FILE), &bytes)
     }
 }

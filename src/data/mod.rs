@@ -1,8 +1,11 @@
 //! Images in, tensors out: archive ingestion (with limits and path safety),
 //! decoding and resizing, the on-disk manifest of a dataset, loading a dataset
-//! into a uint8 tensor, and stratified splits for few-label training.
+//! into a uint8 tensor, stratified splits for few-label training, the order
+//! of the images in training batches, and augmentation.
 
 pub mod archive;
+pub mod augment;
+pub mod batches;
 pub mod content_hash;
 pub mod decode;
 pub mod loader;

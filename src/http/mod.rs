@@ -15,7 +15,7 @@ pub mod samples;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
@@ -24,7 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::middleware::require_key;
-use crate::auth::Auth;
+use crate::auth::{Auth, AuthState};
 use crate::config::ServeConfig;
 use crate::db::job_events::JobEvents;
 use crate::ml::inference::InferenceExecutor;
@@ -46,6 +46,16 @@ pub struct AppState {
     pub job_events: JobEvents,
     /// Authentication and rate limiting of `/v1`.
     pub auth: Arc<Auth>,
+}
+
+/// The `/v1` gate's part of the state.
+impl FromRef<AppState> for AuthState {
+    fn from_ref(state: &AppState) -> Self {
+        AuthState {
+            pool: state.pool.clone(),
+            auth: state.auth.clone(),
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

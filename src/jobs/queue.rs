@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::db::jobs::{Job, JobState, Progress};
 use crate::db::models::insert_model;
 use crate::ml::description::ModelDescription;
-use crate::ml::evaluate::EvaluationReport;
+use crate::ml::training::EvaluationReport;
 
 /// Claims the oldest queued job for `owner`, or returns `None`.
 pub async fn claim_next_job(

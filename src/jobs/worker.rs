@@ -33,12 +33,12 @@ use crate::ml::description::{
     JobOrigin, ModelDescription, DESCRIPTION_FORMAT, LIBTORCH_VERSION, TCH_VERSION,
 };
 use crate::ml::device::device_name;
-use crate::ml::evaluate::{run_evaluation, EncoderSource, EvaluationData, EvaluationReport};
+use crate::ml::evaluate::{run_evaluation, EncoderSource, EvaluationData};
 use crate::ml::finetune::{run_finetune, BaseEncoder};
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
-    is_permanent, ModelArtifact, PermanentError, StopReason, StopSignal, TrainingContext,
-    TrainingEvent, TrainingOutcome,
+    is_permanent, EvaluationReport, ModelArtifact, PermanentError, StopReason, StopSignal,
+    TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::storage::{write_atomic, Storage};
 

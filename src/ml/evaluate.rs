@@ -7,19 +7,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
-use super::finetune::{augment, evaluate_classifier};
+use super::finetune::evaluate_classifier;
 use super::optimizer::AdamW;
-use super::pretrain::{epoch_order, step_rng};
 use super::training::{
-    cosine_learning_rate, InputSpec, PermanentError, StopReason, TrainingContext, TrainingEvent,
-    TrainingOutcome,
+    cosine_learning_rate, EvaluationReport, InputSpec, PermanentError, StopReason, TrainingContext,
+    TrainingEvent, TrainingOutcome,
 };
+use crate::data::augment::augment;
+use crate::data::batches::{epoch_order, step_rng};
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::{EvaluateConfig, FrozenProbeSettings, Protocol};
@@ -47,25 +47,6 @@ pub enum FrozenProtocols {
     Knn,
     Linear,
     KnnAndLinear,
-}
-
-/// A protocol's results as a table, plus the headline numbers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EvaluationReport {
-    pub protocol: String,
-    pub columns: Vec<String>,
-    pub rows: Vec<serde_json::Value>,
-    /// Headline numbers, merged into the model's and the job's metrics.
-    pub summary: BTreeMap<String, f64>,
-    pub train_images: usize,
-    pub test_images: usize,
-    /// The test images come from a dataset the evaluated model (or a model
-    /// it was fine-tuned from) was trained on; `note` says which.
-    #[serde(default)]
-    pub test_images_seen_in_pretraining: bool,
-    /// Why the report is flagged and how to get an unbiased number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
 }
 
 /// Labelled images split into train and test, labels aligned on one class list.

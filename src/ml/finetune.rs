@@ -6,26 +6,24 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use rand::Rng;
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use super::backbone::features;
 use super::checkpoint::{load_vars, save_model_weights, CheckpointSchedule};
 use super::optimizer::AdamW;
-use super::pretrain::epoch_order;
 use super::training::{
     cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
     TrainingContext, TrainingEvent, TrainingOutcome,
 };
+use crate::data::augment::augment;
+use crate::data::batches::{epoch_order, step_rng};
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::{FinetuneConfig, FinetuneMode};
 
 /// Optimizer steps between two metric reports.
 const REPORT_EVERY: i64 = 10;
-/// Pixels of padding for the random-crop augmentation.
-const CROP_PADDING: i64 = 4;
 /// Images per forward pass when evaluating.
 const EVAL_BATCH: usize = 256;
 
@@ -33,26 +31,6 @@ const EVAL_BATCH: usize = 256;
 pub struct BaseEncoder<'a> {
     pub weights: &'a Path,
     pub input: InputSpec,
-}
-
-/// Random crop (after padding) and horizontal flip, per image.
-pub(crate) fn augment(batch: &Tensor, rng: &mut impl Rng) -> Tensor {
-    let size = batch.size();
-    let side = size[2];
-    let padded = batch.constant_pad_nd([CROP_PADDING, CROP_PADDING, CROP_PADDING, CROP_PADDING]);
-    let images: Vec<Tensor> = (0..size[0])
-        .map(|b| {
-            let y = rng.gen_range(0..=2 * CROP_PADDING);
-            let x = rng.gen_range(0..=2 * CROP_PADDING);
-            let crop = padded.get(b).narrow(1, y, side).narrow(2, x, side);
-            if rng.gen_bool(0.5) {
-                crop.flip([2])
-            } else {
-                crop
-            }
-        })
-        .collect();
-    Tensor::stack(&images, 0)
 }
 
 /// Mean loss and accuracy of the classifier on `indices`.
@@ -211,7 +189,7 @@ pub fn run_finetune(
             ctx.device,
         );
         if config.augment {
-            let mut rng = super::pretrain::step_rng(config.seed, step);
+            let mut rng = step_rng(config.seed, step);
             images = augment(&images, &mut rng);
         }
         let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();

@@ -12,7 +12,7 @@ use tch::Device;
 
 use super::device::device_name;
 use super::pretext::{BatchRecipe, ImageBatch, PretextBatch};
-use super::pretrain::{epoch_order, step_rng};
+use crate::data::batches::{epoch_order, step_rng};
 use crate::data::loader::ImageTensorSet;
 
 /// Batches built ahead of the step that takes them.

@@ -7,8 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use tch::nn;
 use tch::{Kind, Tensor};
 
@@ -27,25 +25,6 @@ use crate::jobs::config::PretrainConfig;
 
 /// Optimizer steps between two metric reports.
 const REPORT_EVERY: i64 = 10;
-
-/// The shuffled image order of one epoch, reproducible from the seed.
-pub fn epoch_order(len: usize, seed: i64, epoch: i64) -> Vec<i64> {
-    let mut order: Vec<i64> = (0..len as i64).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(
-        (seed as u64) ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
-    order.shuffle(&mut rng);
-    order
-}
-
-/// A generator for the randomness of one step, reproducible after a resume.
-pub fn step_rng(seed: i64, step: i64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(
-        (seed as u64)
-            .wrapping_add(step as u64)
-            .wrapping_mul(0x2545_f491_4f6c_dd1d),
-    )
-}
 
 /// Runs (or resumes) a pretraining job on the dataset in `dataset_dir`.
 pub fn run_pretrain(

@@ -1,7 +1,7 @@
 //! What every training loop shares: the stop signal the async side raises, the
 //! events a loop reports, the learning-rate schedule, the seeding of each
-//! step, running averages, and the description of the model a finished job
-//! leaves behind.
+//! step, running averages, and what a finished job leaves behind (the
+//! description of its model, or an evaluation's report).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -106,7 +106,7 @@ pub struct ModelArtifact {
     pub metrics: BTreeMap<String, f64>,
     pub pretext_config: Option<serde_json::Value>,
     /// Evaluation run at the end of the job, if it asked for one.
-    pub report: Option<super::evaluate::EvaluationReport>,
+    pub report: Option<EvaluationReport>,
 }
 
 /// How a loop ended.
@@ -114,8 +114,28 @@ pub struct ModelArtifact {
 pub enum TrainingOutcome {
     Finished(ModelArtifact),
     /// An evaluation job's results (no new model).
-    Evaluated(super::evaluate::EvaluationReport),
+    Evaluated(EvaluationReport),
     Stopped(StopReason),
+}
+
+/// What an evaluation leaves behind: a protocol's results as a table, plus
+/// the headline numbers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvaluationReport {
+    pub protocol: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<serde_json::Value>,
+    /// Headline numbers, merged into the model's and the job's metrics.
+    pub summary: BTreeMap<String, f64>,
+    pub train_images: usize,
+    pub test_images: usize,
+    /// The test images come from a dataset the evaluated model (or a model
+    /// it was fine-tuned from) was trained on; `note` says which.
+    #[serde(default)]
+    pub test_images_seen_in_pretraining: bool,
+    /// Why the report is flagged and how to get an unbiased number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Linear warm-up then cosine decay to zero.

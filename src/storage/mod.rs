@@ -32,6 +32,9 @@ pub struct Storage {
     mirror: Option<ObjectMirror>,
 }
 
+/// File name of the manifest inside a dataset's folder, beside `images/`;
+/// its contents are [`crate::data::manifest`]'s.
+pub const MANIFEST_FILE: &str = "manifest.json";
 const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
 const CHECKPOINT_STATE: &str = "checkpoint.json";
 const MODEL_WEIGHTS: &str = "weights.safetensors";
@@ -148,7 +151,7 @@ impl Storage {
         let Some(mirror) = &self.mirror else {
             return Ok(());
         };
-        if dir.join(crate::data::manifest::MANIFEST_FILE).exists() {
+        if dir.join(MANIFEST_FILE).exists() {
             return Ok(());
         }
         anyhow::ensure!(

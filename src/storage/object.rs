@@ -19,7 +19,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 
-use super::temporary_sibling;
+use super::{temporary_sibling, MANIFEST_FILE};
 
 /// A bucket (and prefix) that artifacts are mirrored to.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub struct ObjectMirror {
 
 /// What a dataset's packed object holds: the manifest and the images, not
 /// any cache derived from them.
-const DATASET_ENTRIES: [&str; 2] = [crate::data::manifest::MANIFEST_FILE, "images"];
+const DATASET_ENTRIES: [&str; 2] = [MANIFEST_FILE, "images"];
 
 impl ObjectMirror {
     /// Connects to `s3://bucket/prefix`; endpoint, region and credentials
@@ -284,7 +284,7 @@ fn unpack_dataset(archive: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     if let Err(error) = std::fs::rename(&staging, dir) {
         let _ = std::fs::remove_dir_all(&staging);
-        if !dir.join(crate::data::manifest::MANIFEST_FILE).exists() {
+        if !dir.join(MANIFEST_FILE).exists() {
             return Err(error).with_context(|| format!("Failed to move into {}", dir.display()));
         }
     }
