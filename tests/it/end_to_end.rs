@@ -2,11 +2,9 @@
 //! jigsaw task, fine-tune the encoder on labels, classify and embed; and the
 //! weights of a resnet18 load into torchvision.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 

@@ -3,14 +3,12 @@
 //! `PRETEXT_BROWSER_TESTS=1`, as `make test` sets) headless Chromium follows a
 //! job to the end on it and classifies an image through it.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Cursor;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::json;
 

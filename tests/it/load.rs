@@ -3,13 +3,11 @@
 //! than the documented 503 (with `Retry-After`), and nothing accepted may be
 //! lost.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::stream::{self, StreamExt};
 use rand::SeedableRng;
 use serde_json::{json, Value};

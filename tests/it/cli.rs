@@ -2,13 +2,11 @@
 //! folder, trains, classifies and embeds, and reports server errors,
 //! unreachable servers and Ctrl-C the way a person at a terminal needs.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
@@ -400,7 +398,7 @@ async fn ctrl_c_stops_following_but_leaves_the_job_running() {
 async fn boolean_environment_variables_accept_the_usual_spellings() {
     for (value, open) in [("1", true), ("yes", true), ("0", false), ("off", false)] {
         let (database_url, data_dir) = fresh_environment();
-        let server = common::processes::start_api(
+        let server = crate::common::processes::start_api(
             &database_url,
             &data_dir,
             &["--workers", "0"],

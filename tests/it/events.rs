@@ -2,11 +2,9 @@
 //! from queued to succeeded, then reconnects with `Last-Event-ID` and gets
 //! only what it had not seen.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 

@@ -3,13 +3,11 @@
 //! embeddings and class scores back to within 1e-4
 //! (`scripts/reproduce_in_pytorch.py`).
 
-mod common;
-
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use image::{DynamicImage, ImageBuffer, Rgb};
 use rand::{Rng, SeedableRng};
 use serde_json::json;

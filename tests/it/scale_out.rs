@@ -4,13 +4,11 @@
 //! SIGTERM hands its job back with its checkpoint, and a worker on another
 //! "machine" (its own data folder) trains on what the API stored in S3.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::processes::{start_api, start_moto, start_worker};
-use common::{
+use crate::common::processes::{start_api, start_moto, start_worker};
+use crate::common::{
     fresh_environment, labelled_entries, png, quick_pretrain_config, remove_environment,
     shape_image, zip_archive,
 };

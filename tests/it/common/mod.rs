@@ -37,6 +37,37 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
         .expect("a client")
 }
 
+/// Set, to the test's path, in the child process that runs one test alone.
+const OWN_PROCESS: &str = "PRETEXT_TEST_OWN_PROCESS";
+
+/// For a test that reads what is process-wide (LibTorch's random generators,
+/// the metrics registry, this process's memory), which other tests running
+/// beside it in this binary would disturb. In the usual run, reruns the test
+/// `path` (`module::name`) alone in a child process of this binary, checks
+/// that exactly that one test ran and passed, and returns false: the caller
+/// returns at once. In that child, returns true: the caller runs the test.
+pub fn in_own_process(path: &str) -> bool {
+    if std::env::var(OWN_PROCESS).as_deref() == Ok(path) {
+        return true;
+    }
+    let output = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([path, "--exact", "--test-threads=1", "--nocapture"])
+        .env(OWN_PROCESS, path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{path}, run in its own process, did not pass alone (status {})",
+        output.status
+    );
+    false
+}
+
 /// Postgres server the tests use; each test gets its own database on it.
 pub fn postgres_server() -> String {
     std::env::var("PRETEXT_TEST_POSTGRES")
@@ -144,6 +175,16 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(TestOptions::default()).await
 }
 
+/// Starts a server without workers: its jobs stay queued until the test runs
+/// them with [`TestApp::run_queued_jobs`].
+pub async fn spawn_app_without_workers() -> TestApp {
+    spawn_app_with(TestOptions {
+        workers: 0,
+        ..TestOptions::default()
+    })
+    .await
+}
+
 /// Starts a server.
 pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let owns_environment = options.environment.is_none();
@@ -188,6 +229,47 @@ impl TestApp {
         if self.owns_environment {
             remove_environment(&self.database_url, &self.data_dir).await;
         }
+    }
+
+    /// Runs every queued job to its end, one after the other, on a worker of
+    /// the test's own (on the CPU, with the server's storage and database),
+    /// the way a server's worker would; returns their ids in the order they ran.
+    pub async fn run_queued_jobs(&self) -> Vec<String> {
+        let pool = sqlx::PgPool::connect(&self.database_url)
+            .await
+            .expect("the test database answers");
+        let storage = pretext::storage::Storage::open(&self.data_dir).expect("the storage opens");
+        let defaults = ServeConfig::with_database(&self.database_url, self.data_dir.clone());
+        let settings = pretext::jobs::worker::WorkerSettings {
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(200),
+            max_image_pixels: defaults.worker.max_image_pixels,
+        };
+        let worker = pretext::jobs::worker::Worker::new(pool, storage, tch::Device::Cpu, settings)
+            .expect("a worker starts");
+        let shutdown = CancellationToken::new();
+        let mut ran = Vec::new();
+        while let Some(id) = worker
+            .try_execute_next_job(&shutdown)
+            .await
+            .expect("the worker runs the queue")
+        {
+            ran.push(id.to_string());
+        }
+        ran
+    }
+
+    /// Runs the queue (see [`TestApp::run_queued_jobs`]) and returns job `id`,
+    /// which must have run and succeeded.
+    pub async fn run_until_succeeded(&self, id: &str) -> Value {
+        let ran = self.run_queued_jobs().await;
+        assert!(
+            ran.iter().any(|r| r == id),
+            "job {id} was not in the queue: {ran:?}"
+        );
+        let job = self.job(id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        job
     }
 
     /// A handle on the same server whose requests send `key` instead.
@@ -275,6 +357,31 @@ pub fn shape_image(class: &str, rng: &mut impl Rng) -> DynamicImage {
         }
     });
     DynamicImage::ImageRgb8(img)
+}
+
+/// Unlabelled images whose every patch shows where it sits: brightness grows
+/// with the distance from a jittered centre, so after per-patch normalisation
+/// a corner patch still shows a diagonal gradient and an edge patch a straight
+/// one. Colours and noise vary per image.
+pub fn radial_entries(count: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let (cx, cy) = (rng.gen_range(13.0..19.0f32), rng.gen_range(13.0..19.0f32));
+            let tint = [
+                rng.gen_range(0.5..1.0f32),
+                rng.gen_range(0.5..1.0f32),
+                rng.gen_range(0.5..1.0f32),
+            ];
+            let mut noise = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64 + 1));
+            let img = ImageBuffer::from_fn(32, 32, |x, y| {
+                let distance = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+                let level = (distance / 23.0).min(1.0) * 230.0;
+                Rgb(tint.map(|t| (level * t + noise.gen_range(0.0..25.0f32)) as u8))
+            });
+            (format!("{i}.png"), png(&DynamicImage::ImageRgb8(img)))
+        })
+        .collect()
 }
 
 /// PNG bytes of an image.

@@ -3,11 +3,9 @@
 //! pretraining, and a dataset that a queued or running job evaluates on
 //! cannot be deleted from under it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn id(value: &Value) -> String {

@@ -2,18 +2,13 @@
 //! forward passes yet each gets exactly its own answer, a request larger
 //! than a batch still runs, and a full queue refuses with 503.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::future::join_all;
 use rand::SeedableRng;
 use serde_json::{json, Value};
-
-/// The inference metrics are process-wide: tests that read them take turns.
-static METRICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A small (barely trained) convnet classifier of the shape classes.
 async fn quick_classifier(app: &TestApp) -> String {
@@ -108,7 +103,9 @@ fn embedding(body: &Value, row: usize) -> Vec<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_share_batches_and_get_their_own_answers() {
-    let _turn = METRICS.lock().await;
+    if !in_own_process("batching::concurrent_requests_share_batches_and_get_their_own_answers") {
+        return;
+    }
     let app = spawn_app_with(TestOptions {
         configure: Some(|config| {
             config.max_batch_size = 8;
@@ -190,7 +187,9 @@ async fn concurrent_requests_share_batches_and_get_their_own_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_inference_queue_answers_503_with_retry_after() {
-    let _turn = METRICS.lock().await;
+    if !in_own_process("batching::a_full_inference_queue_answers_503_with_retry_after") {
+        return;
+    }
     let app = spawn_app_with(TestOptions {
         configure: Some(|config| {
             config.max_batch_size = 1;

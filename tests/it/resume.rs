@@ -2,12 +2,12 @@
 //! as often as it may be, ends with the weights of one that never stopped.
 //!
 //! The loops run in this process, on the CPU, on a tiny generated dataset.
-//! LibTorch's random generators are global to the process, so the tests of
-//! this file take turns.
+//! LibTorch's random generators are global to the process, so each test of
+//! this file runs alone in a process of its own.
 
+use crate::common::in_own_process;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use pretext::data::manifest::{Manifest, ManifestEntry};
 use pretext::jobs::config::{DefaultsFrom, PretrainConfig, PretrainConfigRequest};
@@ -16,9 +16,6 @@ use pretext::ml::training::{StopReason, StopSignal, TrainingContext, TrainingOut
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tch::{Device, Tensor};
-
-/// Held by each test while it trains.
-static LIBTORCH_RNG: Mutex<()> = Mutex::new(());
 
 /// An unlabelled dataset of `count` 32-pixel images of coloured blocks.
 fn tiny_dataset(count: usize) -> tempfile::TempDir {
@@ -102,7 +99,9 @@ fn read_weights(path: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn a_pretraining_job_released_after_every_step_ends_with_the_weights_of_one_never_stopped() {
-    let _turn = LIBTORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    if !in_own_process("resume::a_pretraining_job_released_after_every_step_ends_with_the_weights_of_one_never_stopped") {
+        return;
+    }
     // The result does not depend on it, and on a shared CPU one thread
     // does not wait for others that are busy elsewhere.
     tch::set_num_threads(1);

@@ -3,11 +3,9 @@
 //! and uploads cut short (past their deadline, or by a client that goes
 //! away) leaving no file behind.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;

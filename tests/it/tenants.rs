@@ -5,12 +5,10 @@
 //! `keys` commands and the first start of the real binary hand out keys that
 //! work.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

@@ -3,12 +3,10 @@
 //! and route labels that are patterns, not ids; the jobs gauge follows every
 //! kind of job from queued to its end.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -79,6 +77,9 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_jobs_and_inference() {
+    if !in_own_process("metrics::metrics_count_requests_jobs_and_inference") {
+        return;
+    }
     let environment = fresh_environment();
     let with_workers = |workers| TestOptions {
         workers,

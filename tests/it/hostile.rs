@@ -2,14 +2,12 @@
 //! its documented 4xx with a problem+json body, the server stays up, nothing
 //! is written outside the storage root, and memory stays bounded.
 
-mod common;
-
 use std::io::{Cursor, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use common::processes::start_api;
-use common::*;
+use crate::common::processes::start_api;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
@@ -120,6 +118,11 @@ fn skipped_reasons(dataset: &Value) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_archives_are_refused_or_defused_and_nothing_escapes_the_storage_root() {
+    if !in_own_process(
+        "hostile::hostile_archives_are_refused_or_defused_and_nothing_escapes_the_storage_root",
+    ) {
+        return;
+    }
     let app = spawn_app_with(TestOptions {
         workers: 0,
         max_uncompressed_bytes: Some(50_000_000),
@@ -514,6 +517,9 @@ async fn hostile_requests_get_problem_json_and_the_server_stays_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_images_sent_for_inference_get_a_clear_4xx() {
+    if !in_own_process("hostile::hostile_images_sent_for_inference_get_a_clear_4xx") {
+        return;
+    }
     let app = spawn_app().await;
     let dataset = app.upload_zip(zip_archive(&labelled_entries(6, 2))).await;
     let job = app

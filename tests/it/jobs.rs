@@ -2,12 +2,10 @@
 //! jobs, and a job whose process was killed being picked up again after its
 //! lease expired, resuming from its checkpoint and recording each step once.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 

@@ -1,0 +1,26 @@
+//! The integration tests: one binary, one module per story. Each test runs
+//! the real server (in this process, or as the real binary in its own) on a
+//! random port against a fresh database in the real Postgres.
+//!
+//! Tests that read what is process-wide (LibTorch's random generators, the
+//! metrics registry, this process's memory) rerun themselves alone in a child
+//! process of this binary; see [`common::in_own_process`].
+
+mod common;
+
+mod batching;
+mod cli;
+mod dashboard;
+mod datasets;
+mod end_to_end;
+mod evaluation;
+mod events;
+mod hostile;
+mod interop;
+mod jobs;
+mod load;
+mod metrics;
+mod pretext;
+mod resume;
+mod scale_out;
+mod tenants;
