@@ -9,8 +9,11 @@ SETUP_STAMP := $(VENV)/.pretext-setup-$(TORCH_VERSION)-2
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
+# Queries are checked at build time against .sqlx/, not against a live database.
+export SQLX_OFFLINE := true
+SQLX_CLI_VERSION := 0.8.6
 
-.PHONY: setup build run test lint check-postgres browser-setup bench-train bench-setup
+.PHONY: setup build run test lint check-postgres check-sqlx sqlx-prepare sqlx-setup browser-setup bench-train bench-setup
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -49,6 +52,19 @@ lint: setup
 	python3 scripts/check_module_cycles.py
 	scripts/check_docker_context.sh
 
+## sqlx-setup: sqlx-cli $(SQLX_CLI_VERSION), which checks the SQL against a migrated Postgres
+sqlx-setup:
+	@command -v sqlx >/dev/null && sqlx --version | grep -q " $(SQLX_CLI_VERSION)$$" || \
+		cargo install sqlx-cli --version $(SQLX_CLI_VERSION) --no-default-features --features postgres --locked
+
+## check-sqlx: the query data in .sqlx/ matches the queries and the migrations
+check-sqlx: setup sqlx-setup check-postgres
+	scripts/sqlx_prepare.sh --check
+
+## sqlx-prepare: rewrite .sqlx/ after changing a query or adding a migration (then commit it)
+sqlx-prepare: setup sqlx-setup check-postgres
+	scripts/sqlx_prepare.sh
+
 BROWSER_TEST_DIR := tests/browser
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -66,5 +82,5 @@ browser-setup: $(BROWSER_TEST_DIR)/node_modules/.installed
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 ## test: set everything up, lint, and run the whole test suite (the browser test included)
-test: setup check-postgres lint browser-setup
+test: setup check-postgres lint check-sqlx browser-setup
 	PRETEXT_BROWSER_TESTS=1 cargo test --locked -- --test-threads=2

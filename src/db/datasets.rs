@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::data::archive::{IngestReport, SkippedEntry};
 
 /// A stored dataset.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Dataset {
     pub id: Uuid,
     #[serde(skip)]
@@ -53,24 +53,29 @@ pub async fn insert_dataset(
     report: &IngestReport,
 ) -> sqlx::Result<Dataset> {
     let skipped: Vec<SkippedEntryRow> = report.skipped.iter().map(Into::into).collect();
-    sqlx::query_as::<_, Dataset>(
-        "insert into datasets (id, name, num_images, labeled, channels, classes, class_counts,
+    sqlx::query_as!(
+        Dataset,
+        r#"insert into datasets (id, name, num_images, labeled, channels, classes, class_counts,
                                skipped, skipped_count, bytes, median_side, tenant_id)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-         returning *",
+         returning id, tenant_id, name, num_images, labeled, channels,
+                classes as "classes: Json<Vec<String>>",
+                class_counts as "class_counts: Json<serde_json::Value>",
+                skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
+                median_side, created_at"#,
+        id,
+        name,
+        report.num_images as i32,
+        report.labeled,
+        i32::from(report.channels),
+        Json(&report.classes) as _,
+        Json(&report.class_counts) as _,
+        Json(&skipped) as _,
+        report.skipped_count as i32,
+        report.bytes as i64,
+        report.median_side as i32,
+        tenant_id
     )
-    .bind(id)
-    .bind(name)
-    .bind(report.num_images as i32)
-    .bind(report.labeled)
-    .bind(i32::from(report.channels))
-    .bind(Json(&report.classes))
-    .bind(Json(&report.class_counts))
-    .bind(Json(&skipped))
-    .bind(report.skipped_count as i32)
-    .bind(report.bytes as i64)
-    .bind(report.median_side as i32)
-    .bind(tenant_id)
     .fetch_one(pool)
     .await
 }
@@ -81,11 +86,19 @@ pub async fn get_dataset(
     tenant_id: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Dataset>> {
-    sqlx::query_as::<_, Dataset>("select * from datasets where id = $1 and tenant_id = $2")
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Dataset,
+        r#"select id, tenant_id, name, num_images, labeled, channels,
+                classes as "classes: Json<Vec<String>>",
+                class_counts as "class_counts: Json<serde_json::Value>",
+                skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
+                median_side, created_at
+         from datasets where id = $1 and tenant_id = $2"#,
+        id,
+        tenant_id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// A tenant's datasets, newest first.
@@ -94,28 +107,32 @@ pub async fn list_datasets(
     tenant_id: Uuid,
     limit: i64,
 ) -> sqlx::Result<Vec<Dataset>> {
-    sqlx::query_as::<_, Dataset>(
-        "select * from datasets where tenant_id = $2
-         order by created_at desc, id desc limit $1",
+    sqlx::query_as!(
+        Dataset,
+        r#"select id, tenant_id, name, num_images, labeled, channels,
+                classes as "classes: Json<Vec<String>>",
+                class_counts as "class_counts: Json<serde_json::Value>",
+                skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
+                median_side, created_at
+         from datasets where tenant_id = $2
+         order by created_at desc, id desc limit $1"#,
+        limit,
+        tenant_id
     )
-    .bind(limit)
-    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
 
 /// Which of `ids` have a dataset row, whatever their tenant.
 pub async fn recorded_dataset_ids(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as("select id from datasets where id = any($1)")
-        .bind(ids)
+    sqlx::query_scalar!("select id from datasets where id = any($1)", ids)
         .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+        .await
 }
 
 /// Whether any dataset is recorded, in any tenant.
 pub async fn any_dataset_recorded(pool: &PgPool) -> sqlx::Result<bool> {
-    sqlx::query_scalar("select exists (select 1 from datasets)")
+    sqlx::query_scalar!(r#"select exists (select 1 from datasets) as "exists!""#)
         .fetch_one(pool)
         .await
 }
@@ -139,31 +156,31 @@ pub async fn delete_dataset(
     id: Uuid,
 ) -> sqlx::Result<DeleteOutcome> {
     let mut tx = pool.begin().await?;
-    let exists: Option<(Uuid,)> =
-        sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for update")
-            .bind(id)
-            .bind(tenant_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let exists = sqlx::query_scalar!(
+        "select id from datasets where id = $1 and tenant_id = $2 for update",
+        id,
+        tenant_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     if exists.is_none() {
         return Ok(DeleteOutcome::NotFound);
     }
-    let busy: Option<(Uuid,)> = sqlx::query_as(
+    let busy = sqlx::query_scalar!(
         "select id from jobs
          where state in ('queued', 'running')
            and (dataset_id = $1
                 or config ->> 'eval_dataset_id' = $1::text
                 or config ->> 'test_dataset_id' = $1::text)
          limit 1",
+        id
     )
-    .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
     if busy.is_some() {
         return Ok(DeleteOutcome::InUse);
     }
-    sqlx::query("delete from datasets where id = $1")
-        .bind(id)
+    sqlx::query!("delete from datasets where id = $1", id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -106,7 +106,7 @@ impl std::fmt::Display for JobState {
 }
 
 /// A job as stored.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: Uuid,
     #[serde(skip)]
@@ -176,22 +176,24 @@ impl From<sqlx::Error> for CreateJobError {
 /// precedes) this insert.
 pub async fn insert_job(pool: &PgPool, job: NewJob) -> Result<Job, CreateJobError> {
     let mut tx = pool.begin().await?;
-    let dataset: Option<(Uuid,)> =
-        sqlx::query_as("select id from datasets where id = $1 and tenant_id = $2 for share")
-            .bind(job.dataset_id)
-            .bind(job.tenant_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let dataset = sqlx::query_scalar!(
+        "select id from datasets where id = $1 and tenant_id = $2 for share",
+        job.dataset_id,
+        job.tenant_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     if dataset.is_none() {
         return Err(CreateJobError::DatasetNotFound);
     }
     if let Some(base) = job.base_model_id {
-        let model: Option<(Uuid,)> =
-            sqlx::query_as("select id from models where id = $1 and tenant_id = $2 for share")
-                .bind(base)
-                .bind(job.tenant_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let model = sqlx::query_scalar!(
+            "select id from models where id = $1 and tenant_id = $2 for share",
+            base,
+            job.tenant_id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         if model.is_none() {
             return Err(CreateJobError::BaseModelNotFound);
         }
@@ -200,46 +202,81 @@ pub async fn insert_job(pool: &PgPool, job: NewJob) -> Result<Job, CreateJobErro
         epochs: job.epochs,
         ..Default::default()
     };
-    let row = sqlx::query_as::<_, Job>(
-        "insert into jobs (id, kind, dataset_id, base_model_id, config, progress, max_attempts,
+    let row = sqlx::query_as!(
+        Job,
+        r#"insert into jobs (id, kind, dataset_id, base_model_id, config, progress, max_attempts,
                            tenant_id)
          values ($1, $2, $3, $4, $5, $6, $7, $8)
-         returning *",
+         returning id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at"#,
+        Uuid::now_v7(),
+        job.kind as JobKind,
+        job.dataset_id,
+        job.base_model_id,
+        Json(&job.config) as _,
+        Json(progress) as _,
+        job.max_attempts,
+        job.tenant_id
     )
-    .bind(Uuid::now_v7())
-    .bind(job.kind)
-    .bind(job.dataset_id)
-    .bind(job.base_model_id)
-    .bind(Json(&job.config))
-    .bind(Json(progress))
-    .bind(job.max_attempts)
-    .bind(job.tenant_id)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(JOBS_CHANNEL)
-        .bind(row.id.to_string())
-        .execute(&mut *tx)
-        .await?;
+    notify_workers(&mut *tx, row.id).await?;
     tx.commit().await?;
     Ok(row)
 }
 
+/// Wakes the workers LISTENing on [`JOBS_CHANNEL`] for job `id`.
+pub async fn notify_workers(executor: impl sqlx::PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!(
+        "select pg_notify($1, $2)::text as notified",
+        JOBS_CHANNEL,
+        id.to_string()
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok(())
+}
+
 /// One of a tenant's jobs by id.
 pub async fn get_job(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as::<_, Job>("select * from jobs where id = $1 and tenant_id = $2")
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Job,
+        r#"select id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at
+         from jobs where id = $1 and tenant_id = $2"#,
+        id,
+        tenant_id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// One job by id, whatever its tenant: for workers, which run every tenant's jobs.
 pub async fn get_any_tenants_job(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as::<_, Job>("select * from jobs where id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Job,
+        r#"select id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at
+         from jobs where id = $1"#,
+        id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// A tenant's jobs, newest first, optionally filtered.
@@ -250,15 +287,23 @@ pub async fn list_jobs(
     kind: Option<JobKind>,
     limit: i64,
 ) -> sqlx::Result<Vec<Job>> {
-    sqlx::query_as::<_, Job>(
-        "select * from jobs
+    sqlx::query_as!(
+        Job,
+        r#"select id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at
+         from jobs
          where tenant_id = $4 and ($1::job_state is null or state = $1) and ($2::job_kind is null or kind = $2)
-         order by created_at desc, id desc limit $3",
+         order by created_at desc, id desc limit $3"#,
+        state as Option<JobState>,
+        kind as Option<JobKind>,
+        limit,
+        tenant_id
     )
-    .bind(state)
-    .bind(kind)
-    .bind(limit)
-    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
@@ -266,23 +311,30 @@ pub async fn list_jobs(
 /// Cancels a queued job at once, or flags a running one for its worker.
 /// Returns the job as it now stands; a finished job is returned unchanged.
 pub async fn cancel_job(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as::<_, Job>(
-        "update jobs set
+    sqlx::query_as!(
+        Job,
+        r#"update jobs set
              state = case when state = 'queued' then 'cancelled' else state end,
              finished_at = case when state = 'queued' then now() else finished_at end,
              lease_owner = case when state = 'queued' then null else lease_owner end,
              cancel_requested = cancel_requested or state in ('queued', 'running')
          where id = $1 and tenant_id = $2
-         returning *",
+         returning id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at"#,
+        id,
+        tenant_id
     )
-    .bind(id)
-    .bind(tenant_id)
     .fetch_optional(pool)
     .await
 }
 
 /// A metric value recorded during training.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MetricPoint {
     pub step: i64,
     pub epoch: i32,
@@ -298,22 +350,23 @@ pub async fn list_metrics(
     job_id: Uuid,
     name: Option<&str>,
 ) -> sqlx::Result<Vec<MetricPoint>> {
-    sqlx::query_as::<_, MetricPoint>(
+    sqlx::query_as!(
+        MetricPoint,
         "select step, epoch, name, value, at from job_metrics
          where job_id = $1 and ($2::text is null or name = $2)
            and job_id in (select id from jobs where id = $1 and tenant_id = $3)
          order by step, id",
+        job_id,
+        name,
+        tenant_id
     )
-    .bind(job_id)
-    .bind(name)
-    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
 
 /// A metric value with its row id, which orders a job's metrics as they were
 /// written (the live event stream resumes from it).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct NumberedMetric {
     pub id: i64,
     pub step: i64,
@@ -332,16 +385,17 @@ pub async fn list_metrics_after(
     after_id: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<NumberedMetric>> {
-    sqlx::query_as::<_, NumberedMetric>(
+    sqlx::query_as!(
+        NumberedMetric,
         "select id, step, epoch, name, value, at from job_metrics
          where job_id = $1 and id > $2
            and job_id in (select id from jobs where id = $1 and tenant_id = $4)
          order by id limit $3",
+        job_id,
+        after_id,
+        limit,
+        tenant_id
     )
-    .bind(job_id)
-    .bind(after_id)
-    .bind(limit)
-    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
@@ -349,10 +403,14 @@ pub async fn list_metrics_after(
 /// How many jobs there are of each state and kind (pairs with none are
 /// absent), over every tenant: the Prometheus metrics are the operator's.
 pub async fn count_jobs_by_state(pool: &PgPool) -> sqlx::Result<Vec<(JobState, JobKind, i64)>> {
-    sqlx::query_as(
-        "select state, kind, count(*) from jobs
-         group by state, kind",
+    let rows = sqlx::query!(
+        r#"select state as "state: JobState", kind as "kind: JobKind", count(*) as "count!"
+         from jobs group by state, kind"#
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.state, row.kind, row.count))
+        .collect())
 }

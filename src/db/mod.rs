@@ -1,5 +1,7 @@
 //! Postgres: connecting (creating the database if it is missing), migrations,
-//! and the queries of each table family.
+//! and the queries of each table family. Every query is a `sqlx::query!`
+//! checked at build time against the descriptions in `.sqlx/`
+//! (`make sqlx-prepare` rewrites them).
 
 pub mod datasets;
 pub mod job_events;

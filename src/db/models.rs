@@ -13,7 +13,7 @@ use crate::ml::description::{ModelDescription, ModelRecord};
 use crate::ml::training::InputSpec;
 
 /// A trained model.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Model {
     pub id: Uuid,
     #[serde(skip)]
@@ -73,38 +73,49 @@ pub async fn insert_model(
     job_id: Uuid,
     description: &ModelDescription,
 ) -> sqlx::Result<Model> {
-    sqlx::query_as::<_, Model>(
-        "insert into models (id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
+    sqlx::query_as!(
+        Model,
+        r#"insert into models (id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
                              classes, embedding_dim, input, metrics, pretext_config, tenant_id,
                              created_at)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-         returning *",
+         returning id, tenant_id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
+                classes as "classes: Json<Vec<String>>", embedding_dim,
+                input as "input: Json<InputSpec>", metrics as "metrics: Json<serde_json::Value>",
+                pretext_config as "pretext_config: Json<serde_json::Value>", created_at"#,
+        description.id,
+        &description.kind,
+        &description.backbone,
+        description.pretext.as_deref(),
+        job_id,
+        description.parent_model_id,
+        description.dataset_id,
+        Json(&description.classes) as _,
+        description.embedding_dim as i32,
+        Json(&description.input) as _,
+        Json(&description.metrics) as _,
+        description.pretext_config.as_ref().map(Json) as _,
+        tenant_id,
+        description.created_at
     )
-    .bind(description.id)
-    .bind(&description.kind)
-    .bind(&description.backbone)
-    .bind(&description.pretext)
-    .bind(job_id)
-    .bind(description.parent_model_id)
-    .bind(description.dataset_id)
-    .bind(Json(&description.classes))
-    .bind(description.embedding_dim as i32)
-    .bind(Json(&description.input))
-    .bind(Json(&description.metrics))
-    .bind(description.pretext_config.as_ref().map(Json))
-    .bind(tenant_id)
-    .bind(description.created_at)
     .fetch_one(&mut **tx)
     .await
 }
 
 /// One of a tenant's models by id.
 pub async fn get_model(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Model>> {
-    sqlx::query_as::<_, Model>("select * from models where id = $1 and tenant_id = $2")
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Model,
+        r#"select id, tenant_id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
+                classes as "classes: Json<Vec<String>>", embedding_dim,
+                input as "input: Json<InputSpec>", metrics as "metrics: Json<serde_json::Value>",
+                pretext_config as "pretext_config: Json<serde_json::Value>", created_at
+         from models where id = $1 and tenant_id = $2"#,
+        id,
+        tenant_id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// A tenant's models, newest first, optionally of one kind.
@@ -114,13 +125,18 @@ pub async fn list_models(
     kind: Option<&str>,
     limit: i64,
 ) -> sqlx::Result<Vec<Model>> {
-    sqlx::query_as::<_, Model>(
-        "select * from models where tenant_id = $3 and ($1::text is null or kind = $1)
-         order by created_at desc, id desc limit $2",
+    sqlx::query_as!(
+        Model,
+        r#"select id, tenant_id, kind, backbone, pretext, job_id, base_model_id, dataset_id,
+                classes as "classes: Json<Vec<String>>", embedding_dim,
+                input as "input: Json<InputSpec>", metrics as "metrics: Json<serde_json::Value>",
+                pretext_config as "pretext_config: Json<serde_json::Value>", created_at
+         from models where tenant_id = $3 and ($1::text is null or kind = $1)
+         order by created_at desc, id desc limit $2"#,
+        kind,
+        limit,
+        tenant_id
     )
-    .bind(kind)
-    .bind(limit)
-    .bind(tenant_id)
     .fetch_all(pool)
     .await
 }
@@ -128,26 +144,26 @@ pub async fn list_models(
 /// Deletes a model unless a queued or running job starts from it.
 pub async fn delete_model(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<DeleteOutcome> {
     let mut tx = pool.begin().await?;
-    let exists: Option<(Uuid,)> =
-        sqlx::query_as("select id from models where id = $1 and tenant_id = $2 for update")
-            .bind(id)
-            .bind(tenant_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let exists = sqlx::query_scalar!(
+        "select id from models where id = $1 and tenant_id = $2 for update",
+        id,
+        tenant_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     if exists.is_none() {
         return Ok(DeleteOutcome::NotFound);
     }
-    let busy: Option<(Uuid,)> = sqlx::query_as(
+    let busy = sqlx::query_scalar!(
         "select id from jobs where base_model_id = $1 and state in ('queued', 'running') limit 1",
+        id
     )
-    .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
     if busy.is_some() {
         return Ok(DeleteOutcome::InUse);
     }
-    sqlx::query("delete from models where id = $1")
-        .bind(id)
+    sqlx::query!("delete from models where id = $1", id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

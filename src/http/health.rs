@@ -18,8 +18,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// `GET /readyz`: the database answers; reports how many workers run here.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    sqlx::query("select 1")
-        .execute(&state.pool)
+    sqlx::query!("select 1 as one")
+        .fetch_one(&state.pool)
         .await
         .map_err(|e| ApiError::Unavailable {
             detail: format!("the database is unreachable: {e}"),

@@ -12,7 +12,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db::jobs::{Job, JobState, Progress};
+use crate::db::jobs::{notify_workers, Job, JobKind, JobState, Progress};
 use crate::db::models::insert_model;
 use crate::ml::description::ModelDescription;
 use crate::ml::training::EvaluationReport;
@@ -24,8 +24,9 @@ pub async fn claim_next_job(
     device: &str,
     lease: Duration,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as::<_, Job>(
-        "update jobs set
+    sqlx::query_as!(
+        Job,
+        r#"update jobs set
              state = 'running',
              attempts = attempts + 1,
              lease_owner = $1,
@@ -33,19 +34,24 @@ pub async fn claim_next_job(
              device = $3,
              started_at = coalesce(started_at, now()),
              error = null
-         from (
+         where id = (
              select id from jobs
              where state = 'queued'
              order by created_at, id
              for update skip locked
              limit 1
-         ) next
-         where jobs.id = next.id
-         returning jobs.*",
+         )
+         returning id, tenant_id, kind as "kind: JobKind", state as "state: JobState", dataset_id,
+                base_model_id, config as "config: Json<serde_json::Value>",
+                progress as "progress: Json<Progress>",
+                latest_metrics as "latest_metrics: Json<serde_json::Value>", model_id,
+                report as "report: Json<serde_json::Value>", error, attempts, max_attempts,
+                cancel_requested, device, lease_owner, lease_expires_at, created_at,
+                started_at, finished_at"#,
+        owner,
+        lease.as_secs_f64(),
+        device
     )
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .bind(device)
     .fetch_optional(pool)
     .await
 }
@@ -53,7 +59,7 @@ pub async fn claim_next_job(
 /// Returns jobs whose lease ran out to the queue, or fails them when their
 /// attempts are spent. Returns how many jobs were touched.
 pub async fn requeue_expired_leases(pool: &PgPool) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set
              state = case
                  when cancel_requested then 'cancelled'::job_state
@@ -69,7 +75,7 @@ pub async fn requeue_expired_leases(pool: &PgPool) -> sqlx::Result<u64> {
                  else null end,
              lease_owner = null,
              lease_expires_at = null
-         where state = 'running' and lease_expires_at < now()",
+         where state = 'running' and lease_expires_at < now()"
     )
     .execute(pool)
     .await?;
@@ -90,18 +96,18 @@ pub async fn renew_lease(
     owner: Uuid,
     lease: Duration,
 ) -> sqlx::Result<LeaseStatus> {
-    let row: Option<(bool,)> = sqlx::query_as(
+    let row = sqlx::query_scalar!(
         "update jobs set lease_expires_at = now() + make_interval(secs => $3)
          where id = $1 and lease_owner = $2 and state = 'running'
          returning cancel_requested",
+        job_id,
+        owner,
+        lease.as_secs_f64()
     )
-    .bind(job_id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
     Ok(match row {
-        Some((cancel_requested,)) => LeaseStatus::Held { cancel_requested },
+        Some(cancel_requested) => LeaseStatus::Held { cancel_requested },
         None => LeaseStatus::Lost,
     })
 }
@@ -123,14 +129,14 @@ pub async fn record_progress(
         .filter(|(_, v)| v.is_finite())
         .map(|(k, v)| (k.clone(), serde_json::json!(v)))
         .collect();
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "update jobs set progress = $3, latest_metrics = latest_metrics || $4
          where id = $1 and lease_owner = $2 and state = 'running'",
+        job_id,
+        owner,
+        Json(progress) as _,
+        Json(latest) as _
     )
-    .bind(job_id)
-    .bind(owner)
-    .bind(Json(progress))
-    .bind(Json(latest))
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
@@ -139,15 +145,15 @@ pub async fn record_progress(
     // A step trained again after a resume keeps the point recorded the first
     // time: the event stream's ids only grow, so a client never sees a step twice.
     for (name, value) in metrics.iter().filter(|(_, v)| v.is_finite()) {
-        sqlx::query(
+        sqlx::query!(
             "insert into job_metrics (job_id, step, epoch, name, value) values ($1, $2, $3, $4, $5)
              on conflict (job_id, step, name) do nothing",
+            job_id,
+            step,
+            epoch as i32,
+            name,
+            value
         )
-        .bind(job_id)
-        .bind(step)
-        .bind(epoch as i32)
-        .bind(name)
-        .bind(value)
         .execute(&mut *tx)
         .await?;
     }
@@ -166,28 +172,28 @@ pub async fn finish_succeeded(
     progress: Progress,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let held: Option<(Uuid,)> = sqlx::query_as(
+    let held = sqlx::query_scalar!(
         "select id from jobs where id = $1 and lease_owner = $2 and state = 'running' for update",
+        job.id,
+        owner
     )
-    .bind(job.id)
-    .bind(owner)
     .fetch_optional(&mut *tx)
     .await?;
     if held.is_none() {
         return Ok(false);
     }
     insert_model(&mut tx, job.tenant_id, job.id, description).await?;
-    sqlx::query(
+    sqlx::query!(
         "update jobs set state = 'succeeded', model_id = $2, progress = $3, finished_at = now(),
              lease_owner = null, lease_expires_at = null, error = null,
              latest_metrics = latest_metrics || $4, report = $5
          where id = $1",
+        job.id,
+        description.id,
+        Json(progress) as _,
+        Json(&description.metrics) as _,
+        report.map(Json) as _
     )
-    .bind(job.id)
-    .bind(description.id)
-    .bind(Json(progress))
-    .bind(Json(&description.metrics))
-    .bind(report.map(Json))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -204,27 +210,29 @@ pub async fn finish_evaluated(
     progress: Progress,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "update jobs set state = 'succeeded', progress = $3, finished_at = now(),
              lease_owner = null, lease_expires_at = null, error = null,
              latest_metrics = latest_metrics || $4, report = $5
          where id = $1 and lease_owner = $2 and state = 'running'",
+        job.id,
+        owner,
+        Json(progress) as _,
+        Json(&report.summary) as _,
+        Json(report) as _
     )
-    .bind(job.id)
-    .bind(owner)
-    .bind(Json(progress))
-    .bind(Json(&report.summary))
-    .bind(Json(report))
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query("update models set metrics = metrics || $2 where id = $1")
-        .bind(job.base_model_id)
-        .bind(Json(&report.summary))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update models set metrics = metrics || $2 where id = $1",
+        job.base_model_id,
+        Json(&report.summary) as _
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -248,42 +256,37 @@ pub async fn finish_job(
     owner: Uuid,
     end: &JobEnd,
 ) -> sqlx::Result<bool> {
-    let (state_sql, error, attempts_delta) = match end {
-        JobEnd::Cancelled => ("'cancelled'", None, 0),
-        JobEnd::Failed(e) => ("'failed'", Some(e.clone()), 0),
-        JobEnd::Retryable(e) => (
-            "case when attempts >= max_attempts then 'failed'::job_state else 'queued'::job_state end",
-            Some(e.clone()),
-            0,
-        ),
-        JobEnd::Released => ("'queued'", None, 1),
+    // The state to set; `None`: back to the queue unless no attempt is left.
+    let (state, error, attempts_delta) = match end {
+        JobEnd::Cancelled => (Some(JobState::Cancelled), None, 0),
+        JobEnd::Failed(e) => (Some(JobState::Failed), Some(e.as_str()), 0),
+        JobEnd::Retryable(e) => (None, Some(e.as_str()), 0),
+        JobEnd::Released => (Some(JobState::Queued), None, 1),
     };
-    let sql = format!(
-        "update jobs set
-             state = {state_sql},
+    let row = sqlx::query_scalar!(
+        r#"update jobs set
+             state = coalesce($5, case when attempts >= max_attempts then 'failed'::job_state
+                                       else 'queued'::job_state end),
              error = $3,
              attempts = attempts - $4,
-             finished_at = case when {state_sql} in ('queued') then null else now() end,
+             finished_at = case
+                 when coalesce($5, case when attempts >= max_attempts then 'failed'::job_state
+                                        else 'queued'::job_state end) = 'queued' then null
+                 else now() end,
              lease_owner = null,
              lease_expires_at = null
          where id = $1 and lease_owner = $2 and state = 'running'
-         returning state"
-    );
-    let row: Option<(JobState,)> = sqlx::query_as(&sql)
-        .bind(job_id)
-        .bind(owner)
-        .bind(error)
-        .bind(attempts_delta)
-        .fetch_optional(pool)
-        .await?;
-    if let Some((state,)) = &row {
-        if *state == JobState::Queued {
-            sqlx::query("select pg_notify($1, $2)")
-                .bind(crate::db::jobs::JOBS_CHANNEL)
-                .bind(job_id.to_string())
-                .execute(pool)
-                .await?;
-        }
+         returning state as "state: JobState""#,
+        job_id,
+        owner,
+        error,
+        attempts_delta,
+        state as Option<JobState>
+    )
+    .fetch_optional(pool)
+    .await?;
+    if row == Some(JobState::Queued) {
+        notify_workers(pool, job_id).await?;
     }
     Ok(row.is_some())
 }
