@@ -60,6 +60,24 @@ struct Prepared {
     evaluation: Option<EvaluationData>,
 }
 
+/// What the async side of a running job shares: the signal that stops the
+/// training thread, and whether the job's lease was found lost.
+struct RunControl<'a> {
+    stop: &'a StopSignal,
+    lease_lost: AtomicBool,
+}
+
+impl RunControl<'_> {
+    /// The job is no longer this worker's: stop it, and (see `RunEnd`) write
+    /// nothing about it and keep no model.
+    fn lease_lost(&self, job: &Job) {
+        if !self.lease_lost.swap(true, Ordering::SeqCst) {
+            tracing::warn!(job_id = %job.id, "lease lost; stopping");
+        }
+        self.stop.request(StopReason::Release);
+    }
+}
+
 /// A job handed to a training thread.
 struct Assignment {
     spec: JobSpec,
@@ -332,17 +350,20 @@ impl Worker {
         self.trainer
             .send(assignment)
             .map_err(|_| anyhow::anyhow!("the training thread has stopped"))?;
-        let lease_lost = AtomicBool::new(false);
+        let control = RunControl {
+            stop: &stop,
+            lease_lost: AtomicBool::new(false),
+        };
         let mut progress = job.progress.0;
         let result = {
             // Checkpoints are published and events recorded in order, beside
             // the heartbeat rather than in its way: a slow upload of a large
             // checkpoint must not let the lease expire.
-            let recorder = self.record_events(job, &mut progress, events, &stop, &lease_lost);
+            let recorder = self.record_events(job, &mut progress, events, &control);
             // The heartbeat is a future of its own, polled beside the
             // recorder: a renewal waits for the row lock of a progress
             // transaction, which commits only while the recorder is polled.
-            let renewals = self.renew_lease_while_running(job, &stop, &lease_lost);
+            let renewals = self.renew_lease_while_running(job, &control);
             tokio::pin!(recorder, renewals, outcome);
             let mut recorded = false;
             let mut shutdown_seen = false;
@@ -369,7 +390,7 @@ impl Worker {
         Ok(RunEnd {
             result,
             progress,
-            lease_lost: lease_lost.load(Ordering::SeqCst),
+            lease_lost: control.lease_lost.load(Ordering::SeqCst),
         })
     }
 
@@ -380,17 +401,13 @@ impl Worker {
         job: &Job,
         progress: &mut Progress,
         mut events: mpsc::UnboundedReceiver<TrainingEvent>,
-        stop: &StopSignal,
-        lease_lost: &AtomicBool,
+        control: &RunControl<'_>,
     ) {
         while let Some(event) = events.recv().await {
             self.publish_if_checkpoint(job, &event).await;
             match self.record_event(job, progress, event).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    lease_lost.store(true, Ordering::SeqCst);
-                    stop.request(StopReason::Release);
-                }
+                Ok(false) => control.lease_lost(job),
                 // The heartbeat decides whether the job is still ours.
                 Err(error) => tracing::warn!(job_id = %job.id, %error, "progress not recorded"),
             }
@@ -402,8 +419,7 @@ impl Worker {
     async fn renew_lease_while_running(
         &self,
         job: &Job,
-        stop: &StopSignal,
-        lease_lost: &AtomicBool,
+        control: &RunControl<'_>,
     ) -> std::convert::Infallible {
         let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
         heartbeat.tick().await;
@@ -412,15 +428,11 @@ impl Worker {
             match renew_lease(&self.pool, job.id, self.id, self.settings.lease).await {
                 Ok(LeaseStatus::Held {
                     cancel_requested: true,
-                }) => stop.request(StopReason::Cancel),
+                }) => control.stop.request(StopReason::Cancel),
                 Ok(LeaseStatus::Held {
                     cancel_requested: false,
                 }) => {}
-                Ok(LeaseStatus::Lost) => {
-                    tracing::warn!(job_id = %job.id, "lease lost; stopping");
-                    lease_lost.store(true, Ordering::SeqCst);
-                    stop.request(StopReason::Release);
-                }
+                Ok(LeaseStatus::Lost) => control.lease_lost(job),
                 Err(error) => tracing::warn!(job_id = %job.id, %error, "heartbeat failed"),
             }
         }
