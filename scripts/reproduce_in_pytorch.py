@@ -142,6 +142,11 @@ def main():
         model = json.loads(fetch(base, args.api_key))
         if args.classify and model["kind"] != "classifier":
             raise UsageError(f"model {args.model} is an encoder; --classify needs a classifier")
+        if args.classify and (model.get("description") or {}).get("transfer") == "knn":
+            raise UsageError(
+                f"model {args.model} is a kNN classifier (no fc head to rebuild in torchvision); "
+                "compare its embeddings without --classify"
+            )
         net, head = build_network(model, load_safetensors(fetch(base + "/weights", args.api_key)))
         with open(args.image, "rb") as f:
             image_bytes = f.read()

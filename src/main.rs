@@ -26,6 +26,9 @@ enum Command {
     Worker(WorkerConfig),
     /// Create, list and revoke API keys (directly in the database).
     Keys(pretext::cli::keys::KeysArgs),
+    /// Time a pretraining config's step on a synthetic batch in memory: the
+    /// ceiling a job's images per second is compared with.
+    Ceiling(pretext::cli::ceiling::CeilingArgs),
     #[command(flatten)]
     Client(pretext::cli::Command),
 }
@@ -75,6 +78,10 @@ async fn main() {
             exit_on_error(run_workers(config).await)
         }
         Some(Command::Keys(args)) => std::process::exit(pretext::cli::keys::run(args).await),
+        Some(Command::Ceiling(args)) => {
+            tune_allocator();
+            std::process::exit(pretext::cli::ceiling::run(args))
+        }
         Some(Command::Client(command)) => std::process::exit(pretext::cli::run(command).await),
         None => cli.serve,
     };

@@ -17,7 +17,7 @@ const percent = (value) => `${Number((value * 100).toFixed(1))}%`;
 /** Which metrics go in which chart. */
 const CHARTS = [
   { title: "Loss", names: ["loss", "val_loss", "train_eval_loss"], format: (v) => formatNumber(v) },
-  { title: "Accuracy", names: ["pretext_accuracy", "train_accuracy", "val_accuracy", "train_eval_accuracy"], format: percent, yDomain: [0, 1] },
+  { title: "Accuracy", names: ["pretext_accuracy", "knn_monitor_accuracy", "train_accuracy", "val_accuracy", "train_eval_accuracy"], format: percent, yDomain: [0, 1] },
   { title: "Throughput (images/s)", names: ["images_per_second"], format: (v) => formatNumber(v, 3) },
   { title: "Learning rate", names: ["learning_rate"], format: (v) => formatNumber(v, 2) },
 ];

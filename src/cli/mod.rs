@@ -16,8 +16,11 @@
 //! - `models`: list, show, delete, download weights; `classify` and `embed`.
 //! - `keys`: the operator's API key commands, which use the database
 //!   directly rather than a server.
+//! - `ceiling`: the compute ceiling of a pretraining config on this machine,
+//!   measured in-process (no server).
 //! - `output`: tables, key/value listings and progress bars.
 
+pub mod ceiling;
 mod client;
 mod datasets;
 mod jobs;

@@ -75,6 +75,33 @@ pub fn apply_budget(
     kept
 }
 
+/// Deals `pool` into `folds` parts, each class spread evenly over them, for
+/// cross-validation on the labelled images alone.
+pub fn stratified_folds(
+    pool: &[usize],
+    labels: &[i64],
+    num_classes: usize,
+    folds: usize,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let folds = folds.max(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xf01d_5eed);
+    let pool_labels: Vec<i64> = pool.iter().map(|&i| labels[i]).collect();
+    let mut parts = vec![Vec::new(); folds];
+    let mut next = 0;
+    for mut members in indices_by_class(&pool_labels, num_classes) {
+        members.shuffle(&mut rng);
+        for j in members {
+            parts[next % folds].push(pool[j]);
+            next += 1;
+        }
+    }
+    for part in &mut parts {
+        part.sort_unstable();
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +124,22 @@ mod tests {
         assert_eq!(kept.len(), 12);
         for class in 0..4 {
             assert_eq!(kept.iter().filter(|&&i| labels[i] == class).count(), 3);
+        }
+    }
+
+    #[test]
+    fn folds_cover_the_pool_once_and_spread_every_class() {
+        let labels: Vec<i64> = (0..60).map(|i| i % 3).collect();
+        let pool: Vec<usize> = (0..60).step_by(2).collect();
+        let folds = stratified_folds(&pool, &labels, 3, 3, 4);
+        let mut all: Vec<usize> = folds.concat();
+        all.sort_unstable();
+        assert_eq!(all, pool);
+        for fold in &folds {
+            for class in 0..3 {
+                let n = fold.iter().filter(|&&i| labels[i] == class).count();
+                assert!((3..=4).contains(&n), "{n} of class {class} in {fold:?}");
+            }
         }
     }
 }

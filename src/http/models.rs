@@ -222,6 +222,7 @@ async fn infer(
         id: model.id,
         backbone,
         num_classes: description.num_classes(),
+        vote: description.vote,
         input: description.input.clone(),
         weights: state.storage.model_weights(model.id),
     };

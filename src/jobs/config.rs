@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ml::backbone::Backbone;
+use crate::ml::classifier::{NeighbourVote, Transfer};
 use crate::ml::pretext::PretextConfig;
 use crate::validation::{FieldChecker, FieldError};
 
@@ -18,9 +19,14 @@ pub struct DefaultsFrom {
     pub base: Option<(Backbone, u32)>,
 }
 
+/// Images up to this side (MNIST, CIFAR sizes) train at their own size on
+/// the backbone built for them: upsampling would cost compute a CPU lacks.
+const SMALL_IMAGE_SIDE: u32 = 32;
+
 fn default_backbone(from: DefaultsFrom) -> Backbone {
     match from.base {
         Some((backbone, _)) => backbone,
+        None if from.median_side <= SMALL_IMAGE_SIDE => Backbone::Resnet10Narrow,
         None if from.median_side <= 64 => Backbone::Resnet18Small,
         None => Backbone::Resnet18,
     }
@@ -29,6 +35,7 @@ fn default_backbone(from: DefaultsFrom) -> Backbone {
 fn default_image_size(from: DefaultsFrom) -> i64 {
     match from.base {
         Some((_, size)) => size as i64,
+        None if from.median_side <= SMALL_IMAGE_SIDE => from.median_side.max(16) as i64,
         None if from.median_side <= 64 => 64,
         None => 224,
     }
@@ -49,6 +56,7 @@ pub struct PretrainConfigRequest {
     pub checkpoint_interval_secs: Option<i64>,
     pub max_steps: Option<i64>,
     pub eval_dataset_id: Option<uuid::Uuid>,
+    pub knn_monitor_epochs: Option<i64>,
     /// Every other field: the pretext task's.
     #[serde(flatten)]
     pub task_fields: serde_json::Map<String, serde_json::Value>,
@@ -72,6 +80,10 @@ pub struct PretrainConfig {
     /// A labelled dataset to evaluate the encoder on (kNN and linear probe) when training ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_dataset_id: Option<uuid::Uuid>,
+    /// Every this many epochs, the kNN accuracy of the encoder so far on a
+    /// sample of `eval_dataset_id` (0: never; jobs stored before read 0).
+    #[serde(default)]
+    pub knn_monitor_epochs: i64,
 }
 
 impl PretrainConfigRequest {
@@ -118,6 +130,7 @@ impl PretrainConfigRequest {
         let max_steps = self
             .max_steps
             .map(|v| c.int("max_steps", Some(v), 1, 1, i64::MAX));
+        let knn_monitor_epochs = c.int("knn_monitor_epochs", self.knn_monitor_epochs, 1, 0, 1000);
         let Some(pretext) = pretext else {
             return Err(c.into_errors());
         };
@@ -133,9 +146,14 @@ impl PretrainConfigRequest {
             checkpoint_interval_secs,
             max_steps,
             eval_dataset_id: self.eval_dataset_id,
+            knn_monitor_epochs,
         })
     }
 }
+
+/// Fewest optimizer steps of a fine-tuning run: with few labels an epoch is
+/// one or two batches, and 20 epochs would leave the classifier untrained.
+pub const DEFAULT_MIN_STEPS: i64 = 300;
 
 /// Fine-tuning's epochs, batch size, learning rate, trunk learning-rate
 /// scale and weight decay with their defaults: the same for finetune jobs
@@ -154,14 +172,89 @@ fn fine_tuning_fields(
     )
 }
 
-/// How much of the network fine-tuning trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinetuneMode {
-    /// Trunk frozen, a linear head trained on its features.
-    Linear,
-    /// Everything trained, the trunk at a lower learning rate.
-    Full,
+/// The transfer method of a finetune job: `transfer`, or the older `mode`;
+/// by default `auto` from a base model and `fine_tune` from scratch.
+fn resolve_transfer(
+    c: &mut FieldChecker,
+    transfer: Option<&str>,
+    mode: Option<&str>,
+    from: DefaultsFrom,
+) -> Transfer {
+    let from_mode = mode.map(|mode| match mode {
+        "full" => Some(Transfer::FineTune),
+        "linear" => Some(Transfer::LinearProbe),
+        other => {
+            c.reject(
+                "mode",
+                format!("unknown mode `{other}`; use full or linear, or config.transfer"),
+            );
+            None
+        }
+    });
+    let from_transfer = transfer.map(|name| {
+        let method = Transfer::from_name(name);
+        if method.is_none() {
+            c.reject(
+                "transfer",
+                format!(
+                    "unknown transfer `{name}`; use one of {}",
+                    Transfer::ALL.join(", ")
+                ),
+            );
+        }
+        method
+    });
+    let method = match (from_transfer, from_mode) {
+        (Some(Some(a)), Some(Some(b))) if a != b => {
+            c.reject(
+                "mode",
+                "mode is the older name of transfer; give one of them",
+            );
+            a
+        }
+        (Some(Some(method)), _) | (None, Some(Some(method))) => method,
+        (Some(None), _) | (None, Some(None)) => Transfer::FineTune,
+        (None, None) if from.base.is_some() => Transfer::Auto,
+        (None, None) => Transfer::FineTune,
+    };
+    if from.base.is_none() && method != Transfer::FineTune && method != Transfer::Auto {
+        let field = if from_transfer.is_some() {
+            "transfer"
+        } else {
+            "mode"
+        };
+        c.reject(
+            field,
+            format!(
+                "{} keeps a pretrained trunk as it is; give base_model_id or use transfer fine_tune",
+                method.name()
+            ),
+        );
+    }
+    method
+}
+
+fn default_vote() -> NeighbourVote {
+    let probes = FrozenProbeSettings::default();
+    NeighbourVote {
+        k: probes.k,
+        temperature: probes.knn_temperature,
+    }
+}
+
+fn resolve_vote(c: &mut FieldChecker, k: Option<i64>, temperature: Option<f64>) -> NeighbourVote {
+    let defaults = default_vote();
+    NeighbourVote {
+        k: c.int("k", k, defaults.k, 1, 10_000),
+        temperature: c.float(
+            "knn_temperature",
+            temperature,
+            defaults.temperature,
+            0.0,
+            10.0,
+            true,
+        ),
+    }
 }
 
 /// `config` of a finetune job as sent.
@@ -170,8 +263,13 @@ pub enum FinetuneMode {
 pub struct FinetuneConfigRequest {
     pub backbone: Option<String>,
     pub image_size: Option<i64>,
+    pub transfer: Option<String>,
+    pub k: Option<i64>,
+    pub knn_temperature: Option<f64>,
+    /// The older name of `transfer`: `full` is `fine_tune`, `linear` is `linear_probe`.
     pub mode: Option<String>,
     pub epochs: Option<i64>,
+    pub min_steps: Option<i64>,
     pub batch_size: Option<i64>,
     pub learning_rate: Option<f64>,
     pub trunk_lr_scale: Option<f64>,
@@ -190,8 +288,18 @@ pub struct FinetuneConfigRequest {
 pub struct FinetuneConfig {
     pub backbone: Backbone,
     pub image_size: i64,
-    pub mode: FinetuneMode,
+    /// How the trunk becomes a classifier (jobs stored with the older
+    /// `mode` read as the same method).
+    #[serde(alias = "mode")]
+    pub transfer: Transfer,
+    /// How a kNN classifier votes (transfer `knn`, or `auto` choosing it).
+    #[serde(default = "default_vote")]
+    pub vote: NeighbourVote,
     pub epochs: i64,
+    /// Fewest optimizer steps, whatever the epochs (jobs stored before this
+    /// field read 0: their epochs alone).
+    #[serde(default)]
+    pub min_steps: i64,
     pub batch_size: i64,
     pub learning_rate: f64,
     pub trunk_lr_scale: f64,
@@ -230,23 +338,8 @@ impl FinetuneConfigRequest {
             16,
             512,
         );
-        let mode = match self.mode.as_deref() {
-            None | Some("full") => FinetuneMode::Full,
-            Some("linear") => FinetuneMode::Linear,
-            Some(other) => {
-                c.reject(
-                    "mode",
-                    format!("unknown mode `{other}`; use full or linear"),
-                );
-                FinetuneMode::Full
-            }
-        };
-        if mode == FinetuneMode::Linear && from.base.is_none() {
-            c.reject(
-                "mode",
-                "linear mode trains a head on a frozen pretrained trunk; give base_model_id or use mode full",
-            );
-        }
+        let transfer =
+            resolve_transfer(&mut c, self.transfer.as_deref(), self.mode.as_deref(), from);
         let (epochs, batch_size, learning_rate, trunk_lr_scale, weight_decay) = fine_tuning_fields(
             &mut c,
             [self.epochs, self.batch_size],
@@ -276,10 +369,14 @@ impl FinetuneConfigRequest {
         let max_steps = self
             .max_steps
             .map(|v| c.int("max_steps", Some(v), 1, 1, i64::MAX));
+        let vote = resolve_vote(&mut c, self.k, self.knn_temperature);
+        let min_steps = c.int("min_steps", self.min_steps, DEFAULT_MIN_STEPS, 0, 1_000_000);
         c.finish(FinetuneConfig {
             backbone,
             image_size,
-            mode,
+            transfer,
+            vote,
+            min_steps,
             epochs,
             batch_size,
             learning_rate,
@@ -349,7 +446,9 @@ pub struct EvaluateConfigRequest {
     pub linear_learning_rate: Option<f64>,
     pub labels_per_class: Option<Vec<i64>>,
     pub label_fractions: Option<Vec<f64>>,
+    pub transfers: Option<Vec<String>>,
     pub epochs: Option<i64>,
+    pub min_steps: Option<i64>,
     pub batch_size: Option<i64>,
     pub learning_rate: Option<f64>,
     pub trunk_lr_scale: Option<f64>,
@@ -369,8 +468,16 @@ pub struct EvaluateConfig {
     pub probes: FrozenProbeSettings,
     pub labels_per_class: Vec<i64>,
     pub label_fractions: Vec<f64>,
+    /// The transfer methods compared with training from scratch at every
+    /// budget (jobs stored before this field compared fine-tuning alone).
+    #[serde(default = "default_transfers")]
+    pub transfers: Vec<Transfer>,
     /// Fine-tuning epochs of every label-efficiency run.
     pub epochs: i64,
+    /// Fewest optimizer steps of every label-efficiency run (jobs stored
+    /// before this field read 0).
+    #[serde(default)]
+    pub min_steps: i64,
     pub batch_size: i64,
     pub learning_rate: f64,
     pub trunk_lr_scale: f64,
@@ -453,12 +560,14 @@ impl EvaluateConfigRequest {
         {
             c.reject("labels_per_class", "give at least one label budget");
         }
+        let transfers = resolve_transfers(&mut c, self.transfers);
         let (epochs, batch_size, learning_rate, trunk_lr_scale, weight_decay) = fine_tuning_fields(
             &mut c,
             [self.epochs, self.batch_size],
             [self.learning_rate, self.trunk_lr_scale, self.weight_decay],
         );
         let seed = c.int("seed", self.seed, 0, 0, i64::MAX);
+        let min_steps = c.int("min_steps", self.min_steps, DEFAULT_MIN_STEPS, 0, 1_000_000);
         c.finish(EvaluateConfig {
             protocol,
             test_dataset_id: self.test_dataset_id,
@@ -466,7 +575,9 @@ impl EvaluateConfigRequest {
             probes,
             labels_per_class,
             label_fractions,
+            transfers,
             epochs,
+            min_steps,
             batch_size,
             learning_rate,
             trunk_lr_scale,
@@ -474,6 +585,35 @@ impl EvaluateConfigRequest {
             seed,
         })
     }
+}
+
+fn default_transfers() -> Vec<Transfer> {
+    vec![Transfer::FineTune]
+}
+
+/// The label-efficiency protocol's transfer methods: known, none twice.
+fn resolve_transfers(c: &mut FieldChecker, names: Option<Vec<String>>) -> Vec<Transfer> {
+    let Some(names) = names else {
+        return default_transfers();
+    };
+    let mut methods = Vec::new();
+    for name in &names {
+        match Transfer::from_name(name) {
+            Some(method) if !methods.contains(&method) => methods.push(method),
+            Some(_) => c.reject("transfers", format!("`{name}` is listed twice")),
+            None => c.reject(
+                "transfers",
+                format!(
+                    "unknown transfer `{name}`; use some of {}",
+                    Transfer::ALL.join(", ")
+                ),
+            ),
+        }
+    }
+    if methods.is_empty() {
+        c.reject("transfers", "give at least one transfer method");
+    }
+    methods
 }
 
 #[cfg(test)]
@@ -494,13 +634,13 @@ mod tests {
     #[test]
     fn small_images_get_small_defaults() {
         let config = PretrainConfigRequest::default().resolve(SMALL).unwrap();
-        assert_eq!(config.backbone, Backbone::Resnet18Small);
-        assert_eq!(config.image_size, 64);
+        assert_eq!(config.backbone, Backbone::Resnet10Narrow);
+        assert_eq!(config.image_size, 28);
         assert_eq!(
             config.pretext,
             PretextConfig::Jigsaw(JigsawConfig {
                 grid: 3,
-                tile_size: 18,
+                tile_size: 7,
                 num_permutations: 100,
                 permutation_seed: 1,
                 grayscale_probability: 0.3,
@@ -566,5 +706,64 @@ mod tests {
         };
         let errors = request.resolve(from).unwrap_err();
         assert_eq!(errors[0].field, "config.backbone");
+    }
+
+    fn finetune(
+        config: serde_json::Value,
+        base: Option<(Backbone, u32)>,
+    ) -> Result<FinetuneConfig, Vec<FieldError>> {
+        let from = DefaultsFrom {
+            median_side: 28,
+            base,
+        };
+        parse_config_object::<FinetuneConfigRequest>(config)?.resolve(from)
+    }
+
+    #[test]
+    fn the_transfer_method_defaults_to_auto_from_a_base_and_fine_tuning_from_scratch() {
+        let base = Some((Backbone::Resnet10Narrow, 32));
+        let from_base = finetune(serde_json::json!({}), base).unwrap();
+        assert_eq!(from_base.transfer, Transfer::Auto);
+        assert_eq!(from_base.min_steps, DEFAULT_MIN_STEPS);
+        let scratch = finetune(serde_json::json!({}), None).unwrap();
+        assert_eq!(scratch.transfer, Transfer::FineTune);
+        let older = finetune(serde_json::json!({"mode": "linear"}), base).unwrap();
+        assert_eq!(older.transfer, Transfer::LinearProbe);
+        let knn = finetune(serde_json::json!({"transfer": "knn", "k": 5}), base).unwrap();
+        assert_eq!((knn.transfer, knn.vote.k), (Transfer::Knn, 5));
+    }
+
+    #[test]
+    fn transfer_methods_that_keep_the_trunk_need_a_base_and_one_name() {
+        let errors = finetune(serde_json::json!({"transfer": "knn"}), None).unwrap_err();
+        assert_eq!(errors[0].field, "config.transfer");
+        let errors = finetune(serde_json::json!({"mode": "linear"}), None).unwrap_err();
+        assert_eq!(errors[0].field, "config.mode");
+        let base = Some((Backbone::Convnet, 32));
+        let errors =
+            finetune(serde_json::json!({"mode": "full", "transfer": "knn"}), base).unwrap_err();
+        assert_eq!(errors[0].field, "config.mode");
+        let errors = finetune(serde_json::json!({"transfer": "nearest"}), base).unwrap_err();
+        assert_eq!(errors[0].field, "config.transfer");
+        assert!(
+            errors[0].message.contains("linear_probe"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn a_finetune_config_stored_with_the_older_mode_reads_as_its_transfer() {
+        let mut stored =
+            serde_json::to_value(finetune(serde_json::json!({}), None).unwrap()).unwrap();
+        let fields = stored.as_object_mut().unwrap();
+        fields.remove("transfer");
+        fields.remove("vote");
+        fields.remove("min_steps");
+        fields.insert("mode".into(), "linear".into());
+        let read: FinetuneConfig = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.transfer, Transfer::LinearProbe);
+        assert_eq!(read.min_steps, 0);
+        assert_eq!(read.vote.k, FrozenProbeSettings::default().k);
     }
 }

@@ -456,7 +456,7 @@ impl Worker {
         };
         match end.result {
             Ok(TrainingOutcome::Finished(artifact)) => {
-                self.settle_model(job, spec, base.as_ref(), model_id, artifact, done)
+                self.settle_model(job, spec, base.as_ref(), model_id, *artifact, done)
                     .await?;
             }
             Ok(TrainingOutcome::Evaluated(mut report)) => {
@@ -583,6 +583,8 @@ impl Worker {
             dataset_hash,
             parent_model_id: job.base_model_id,
             metrics: artifact.metrics.clone(),
+            transfer: artifact.transfer,
+            vote: artifact.vote,
             tch_version: Some(TCH_VERSION.to_string()),
             libtorch_version: Some(LIBTORCH_VERSION.to_string()),
             created_at: chrono::Utc::now(),

@@ -48,7 +48,19 @@ pub fn save_model_weights(
     path: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
+    save_model_weights_with(vs, path, keep, Vec::new())
+}
+
+/// [`save_model_weights`] with `extra` tensors beside the variables (what a
+/// model keeps that is not a parameter, such as a kNN classifier's memory).
+pub fn save_model_weights_with(
+    vs: &VarStore,
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+    extra: Vec<(String, Tensor)>,
+) -> anyhow::Result<()> {
     let mut named = cpu_variables(vs, keep);
+    named.extend(extra);
     let counters: Vec<(String, Tensor)> = named
         .iter()
         .filter_map(|(name, _)| name.strip_suffix("running_mean"))
@@ -70,7 +82,8 @@ pub fn load_vars(vs: &VarStore, path: &Path, wanted: impl Fn(&str) -> bool) -> a
 }
 
 /// Every tensor stored in `path`, by name.
-fn read_named(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+/// Every tensor of a weights file, by name.
+pub fn read_named(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     Ok(Tensor::read_safetensors(path)
         .with_context(|| format!("Failed to read weights {}", path.display()))?
         .into_iter()
@@ -79,7 +92,7 @@ fn read_named(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
 
 /// Copies `stored` (read from `path`) into the variables of `vs` whose names
 /// pass `wanted`.
-fn copy_into_vars(
+pub fn copy_into_vars(
     vs: &VarStore,
     stored: &HashMap<String, Tensor>,
     path: &Path,

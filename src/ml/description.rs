@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::backbone::Backbone;
+use super::classifier::{NeighbourVote, Transfer};
 use super::training::InputSpec;
 
 /// The version of the description's layout.
@@ -49,6 +50,14 @@ pub struct ModelDescription {
     pub parent_model_id: Option<Uuid>,
     /// Final metrics of the job that made it.
     pub metrics: BTreeMap<String, f64>,
+    /// How a classifier was made from its trunk: `fine_tune`,
+    /// `linear_probe` or `knn` (what `auto` chose); absent for encoders and
+    /// for classifiers stored before transfer methods (fine-tuned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
+    /// How a kNN classifier votes; its labelled features are in its weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<NeighbourVote>,
     /// The tch and LibTorch versions that wrote the weights; `None` for a
     /// model described from its database row.
     pub tch_version: Option<String>,
@@ -102,6 +111,8 @@ impl ModelDescription {
             dataset_hash: None,
             parent_model_id: record.parent_model_id,
             metrics: record.metrics,
+            transfer: None,
+            vote: None,
             tch_version: None,
             libtorch_version: None,
             created_at: record.created_at,

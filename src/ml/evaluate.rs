@@ -12,22 +12,23 @@ use tch::{Device, Kind, Tensor};
 
 use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
-use super::finetune::evaluate_classifier;
+use super::classifier::{is_trunk_variable, NeighbourVote, Transfer};
 use super::optimizer::AdamW;
+use super::supervised::SupervisedSettings;
 use super::training::{
     cosine_learning_rate, EvaluationReport, InputSpec, PermanentError, StopReason, TrainingContext,
     TrainingEvent, TrainingOutcome,
 };
-use crate::data::augment::augment;
-use crate::data::batches::{epoch_order, step_rng};
+use super::transfer::{
+    choose_transfer, trunk_features, NeighbourBank, TransferModel, TransferSetup,
+};
+use crate::data::batches::epoch_order;
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::{EvaluateConfig, FrozenProbeSettings, Protocol};
 
 /// Images per forward pass when embedding.
 const EMBED_BATCH: i64 = 256;
-/// Test rows compared at once in kNN.
-const KNN_CHUNK: i64 = 1024;
 
 /// Where the labelled images come from and the settings of each protocol.
 #[derive(Debug, Clone)]
@@ -139,12 +140,6 @@ pub fn embed_all(
     })
 }
 
-fn l2_normalise(x: &Tensor) -> Tensor {
-    x / x
-        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-        .clamp_min(1e-12)
-}
-
 /// Frozen embeddings of a train and a test split, with their labels.
 pub struct LabelledFeatures<'a> {
     pub train: &'a Tensor,
@@ -164,35 +159,11 @@ pub fn knn_accuracy(features: &LabelledFeatures, k: i64, temperature: f64) -> f6
         test_labels,
         num_classes,
     } = *features;
-    tch::no_grad(|| {
-        let train = l2_normalise(&train.to_kind(Kind::Float));
-        let test = l2_normalise(&test.to_kind(Kind::Float));
-        let k = k.min(train.size()[0]).max(1);
-        let n = test.size()[0];
-        let mut correct = 0i64;
-        for start in (0..n).step_by(KNN_CHUNK as usize) {
-            let rows = KNN_CHUNK.min(n - start);
-            let similarity = test.narrow(0, start, rows).matmul(&train.transpose(0, 1));
-            let (top, indices) = similarity.topk(k, 1, true, true);
-            let neighbour_labels = train_labels
-                .index_select(0, &indices.flatten(0, -1))
-                .view([rows, k]);
-            let weights = (top / temperature).exp();
-            let votes = Tensor::zeros([rows, num_classes], (Kind::Float, Device::Cpu)).scatter_add(
-                1,
-                &neighbour_labels,
-                &weights,
-            );
-            let predicted = votes.argmax(1, false);
-            correct += i64::try_from(
-                predicted
-                    .eq_tensor(&test_labels.narrow(0, start, rows))
-                    .sum(Kind::Int64),
-            )
-            .unwrap_or(0);
-        }
-        correct as f64 / n.max(1) as f64
-    })
+    let vote = NeighbourVote { k, temperature };
+    let bank = NeighbourBank::new(train, train_labels, num_classes, vote);
+    let predicted = bank.probabilities(test).argmax(1, false);
+    let correct = i64::try_from(predicted.eq_tensor(test_labels).sum(Kind::Int64)).unwrap_or(0);
+    correct as f64 / test.size()[0].max(1) as f64
 }
 
 /// Test accuracy of a linear classifier trained on frozen features
@@ -336,6 +307,66 @@ pub fn evaluate_frozen(
     }))
 }
 
+/// Labelled images per class the kNN monitor keeps as neighbours, and asks about.
+const MONITOR_BANK_PER_CLASS: usize = 100;
+const MONITOR_QUERIES_PER_CLASS: usize = 50;
+
+/// The online kNN monitor of a pretraining job: a fixed, class-balanced
+/// sample of the evaluation dataset (neighbours from its train split,
+/// queries from its test split), embedded by the encoder so far every few
+/// epochs, so that users see whether more pretraining still pays.
+pub struct KnnMonitor {
+    split: LabelledSplit,
+    vote: NeighbourVote,
+}
+
+impl KnnMonitor {
+    /// Loads the sample at the encoder's input size.
+    pub fn new(evaluation: &EvaluationData, input: &InputSpec) -> anyhow::Result<Self> {
+        let mut split = load_split(evaluation, input)?;
+        let num_classes = split.data.classes.len();
+        let seed = evaluation.seed as u64;
+        let sample = |pool: &[usize], per_class| {
+            apply_budget(
+                pool,
+                &split.data.labels,
+                num_classes,
+                LabelBudget::PerClass(per_class),
+                seed,
+            )
+        };
+        let (train, test) = (
+            sample(&split.train, MONITOR_BANK_PER_CLASS),
+            sample(&split.test, MONITOR_QUERIES_PER_CLASS),
+        );
+        (split.train, split.test) = (train, test);
+        Ok(Self {
+            split,
+            vote: NeighbourVote {
+                k: evaluation.probes.k,
+                temperature: evaluation.probes.knn_temperature,
+            },
+        })
+    }
+
+    /// The kNN accuracy of `trunk`'s features on the sample.
+    pub fn accuracy(&self, trunk: &nn::FuncT<'static>, input: &InputSpec, device: Device) -> f64 {
+        let data = &self.split.data;
+        let bank = NeighbourBank::new(
+            &trunk_features(trunk, data, &self.split.train, input, device),
+            &labels_tensor(&self.split, &self.split.train),
+            data.classes.len() as i64,
+            self.vote,
+        );
+        let queries = trunk_features(trunk, data, &self.split.test, input, device);
+        let predicted = bank.probabilities(&queries).argmax(1, false);
+        let correct = predicted
+            .eq_tensor(&labels_tensor(&self.split, &self.split.test))
+            .sum(Kind::Int64);
+        i64::try_from(correct).unwrap_or(0) as f64 / self.split.test.len().max(1) as f64
+    }
+}
+
 /// Runs an evaluate job's protocol on the encoder `source`: kNN or a linear
 /// probe on its frozen embeddings, or the label-efficiency comparison.
 pub fn run_evaluation(
@@ -386,96 +417,82 @@ pub fn load_trunk(
     let trunk = source
         .backbone
         .build(&vs.root(), source.input.channels as i64);
-    load_vars(&vs, source.weights, |name| !name.starts_with("fc."))
-        .context("Failed to load the encoder")?;
+    load_vars(&vs, source.weights, is_trunk_variable).context("Failed to load the encoder")?;
     Ok((vs, trunk))
 }
 
-/// Trains one classifier on `train` for the protocol; returns its test accuracy,
-/// or `None` when the job was asked to stop.
-#[allow(clippy::too_many_arguments)]
+/// Makes one classifier from `train` (from the encoder by `method`, or from
+/// scratch by fine-tuning when `method` is `None`) and returns its test
+/// accuracy with the method used (`auto`'s choice), or `None` when the job
+/// was asked to stop.
 fn fit_and_test(
     ctx: &TrainingContext,
     source: &EncoderSource,
-    pretrained: bool,
+    method: Option<Transfer>,
     split: &LabelledSplit,
     train: &[usize],
     settings: &EvaluateConfig,
-    step_offset: &mut i64,
-) -> anyhow::Result<Option<f64>> {
-    let input = &source.input;
-    let num_classes = split.data.classes.len() as i64;
-    tch::manual_seed(settings.seed);
-    let vs = nn::VarStore::new(ctx.device);
-    let root = vs.root();
-    let trunk = source
-        .backbone
-        .build(&root.set_group(0), input.channels as i64);
-    let fc = nn::linear(
-        root.set_group(1) / "fc",
-        source.backbone.feature_dim(),
-        num_classes,
-        Default::default(),
-    );
-    if pretrained {
-        load_vars(&vs, source.weights, |name| !name.starts_with("fc."))
-            .context("Failed to load the encoder")?;
+    steps_done: &mut i64,
+) -> anyhow::Result<Option<(f64, Transfer)>> {
+    let supervised = settings.supervised_settings();
+    let setup = TransferSetup {
+        device: ctx.device,
+        backbone: source.backbone,
+        encoder_weights: method.is_some().then_some(source.weights),
+        data: &split.data,
+        input: &source.input,
+        supervised: &supervised,
+        vote: NeighbourVote {
+            k: settings.probes.k,
+            temperature: settings.probes.knn_temperature,
+        },
+    };
+    let mut stop = || {
+        *steps_done += 1;
+        ctx.stop.requested()
+    };
+    let method = match method.unwrap_or(Transfer::FineTune) {
+        Transfer::Auto => match choose_transfer(&setup, train, &mut stop)? {
+            Some(choice) => choice.method,
+            None => return Ok(None),
+        },
+        method => method,
+    };
+    let mut model = TransferModel::new(&setup, method)?;
+    if model.fit(&setup, train, &mut stop)?.is_some() {
+        return Ok(None);
     }
-    let mut optimizer = AdamW::new(&vs, settings.learning_rate, settings.weight_decay)?;
-    let batch = (settings.batch_size as usize).min(train.len()).max(1);
-    let steps_per_epoch = (train.len() / batch).max(1) as i64;
-    let total = settings.epochs * steps_per_epoch;
-    let mut order = Vec::new();
-    for step in 0..total {
-        if ctx.stop.requested().is_some() {
-            return Ok(None);
-        }
-        let within = (step % steps_per_epoch) as usize;
-        if within == 0 {
-            order = epoch_order(train.len(), settings.seed, step / steps_per_epoch);
-        }
-        let chunk: Vec<i64> = order[within * batch..(within + 1) * batch]
-            .iter()
-            .map(|&k| train[k as usize] as i64)
-            .collect();
-        let images = normalise(
-            &split
-                .data
-                .images
-                .index_select(0, &Tensor::from_slice(&chunk)),
-            &input.mean,
-            &input.std,
-            ctx.device,
-        );
-        let images = augment(&images, &mut step_rng(settings.seed, step));
-        let labels: Vec<i64> = chunk
-            .iter()
-            .map(|&i| split.data.labels[i as usize])
-            .collect();
-        let labels = Tensor::from_slice(&labels).to_device(ctx.device);
-        let loss = fc
-            .forward(&features(&trunk, &images, true))
-            .cross_entropy_for_logits(&labels);
-        let lr = cosine_learning_rate(settings.learning_rate, step, total);
-        optimizer.set_lr_group(1, lr);
-        optimizer.set_lr_group(0, lr * settings.trunk_lr_scale);
-        optimizer.backward_step(&loss);
-        *step_offset += 1;
-    }
-    let test: Vec<i64> = split.test.iter().map(|&i| i as i64).collect();
-    let (_, accuracy) = evaluate_classifier(
-        &|x| fc.forward(&features(&trunk, x, false)),
-        &split.data,
-        &test,
-        input,
-        ctx.device,
-    );
-    Ok(Some(accuracy))
+    let accuracy = model.accuracy(&split.data, &split.test, &source.input, ctx.device);
+    Ok(Some((accuracy, method)))
 }
 
-/// The label-efficiency protocol: for every budget, fine-tune from the
-/// pretrained encoder and from scratch with the same labels, seeds and
-/// epochs, and report both test accuracies and the gain.
+/// Every budget of the protocol with its name and the training images it
+/// draws from the split (a smaller budget's images are among a larger one's).
+fn label_budgets(split: &LabelledSplit, settings: &EvaluateConfig) -> Vec<(String, Vec<usize>)> {
+    let num_classes = split.data.classes.len();
+    let per_class = settings
+        .labels_per_class
+        .iter()
+        .map(|&k| (format!("{k} per class"), LabelBudget::PerClass(k as usize)));
+    let fractions = settings.label_fractions.iter().map(|&f| {
+        (
+            format!("{}%", (f * 100_000.0).round() / 1000.0),
+            LabelBudget::Fraction(f),
+        )
+    });
+    per_class
+        .chain(fractions)
+        .map(|(name, budget)| {
+            let seed = settings.seed as u64;
+            let subset = apply_budget(&split.train, &split.data.labels, num_classes, budget, seed);
+            (name, subset)
+        })
+        .collect()
+}
+
+/// The label-efficiency protocol: for every budget, a classifier from
+/// scratch and one from the encoder by each transfer method, with the same
+/// labels, seeds and settings; reports every test accuracy and the gains.
 pub fn run_label_efficiency(
     ctx: &TrainingContext,
     source: &EncoderSource,
@@ -483,39 +500,12 @@ pub fn run_label_efficiency(
     settings: &EvaluateConfig,
 ) -> anyhow::Result<TrainingOutcome> {
     let split = load_split(evaluation, &source.input)?;
-    let num_classes = split.data.classes.len();
-    let mut budgets: Vec<(String, LabelBudget)> = settings
-        .labels_per_class
-        .iter()
-        .map(|&k| (format!("{k} per class"), LabelBudget::PerClass(k as usize)))
-        .collect();
-    budgets.extend(settings.label_fractions.iter().map(|&f| {
-        (
-            format!("{}%", (f * 100_000.0).round() / 1000.0),
-            LabelBudget::Fraction(f),
-        )
-    }));
-    let subsets: Vec<(String, Vec<usize>)> = budgets
-        .into_iter()
-        .map(|(name, budget)| {
-            (
-                name,
-                apply_budget(
-                    &split.train,
-                    &split.data.labels,
-                    num_classes,
-                    budget,
-                    settings.seed as u64,
-                ),
-            )
-        })
-        .collect();
+    let subsets = label_budgets(&split, settings);
+    let supervised = settings.supervised_settings();
+    let runs = 1 + settings.transfers.len() as i64;
     let planned: i64 = subsets
         .iter()
-        .map(|(_, s)| {
-            2 * settings.epochs
-                * (s.len() / (settings.batch_size as usize).min(s.len()).max(1)).max(1) as i64
-        })
+        .map(|(_, subset)| runs * supervised.plan(subset.len()).total_steps)
         .sum();
     ctx.emit(TrainingEvent::Plan {
         epochs: settings.epochs,
@@ -526,54 +516,57 @@ pub fn run_label_efficiency(
     let mut summary = BTreeMap::new();
     let mut steps_done = 0i64;
     for (name, subset) in &subsets {
-        let mut accuracies = [0.0; 2];
-        for (slot, pretrained) in [(0, true), (1, false)] {
-            match fit_and_test(
+        let key = name.replace(' ', "_").replace('%', "pct");
+        let mut fit = |method| {
+            fit_and_test(
                 ctx,
                 source,
-                pretrained,
+                method,
                 &split,
                 subset,
                 settings,
                 &mut steps_done,
-            )? {
-                Some(accuracy) => accuracies[slot] = accuracy,
-                None => {
-                    let reason = ctx.stop.requested().unwrap_or(StopReason::Release);
-                    return Ok(TrainingOutcome::Stopped(reason));
-                }
+            )
+        };
+        let Some((scratch, _)) = fit(None)? else {
+            return Ok(stopped(ctx));
+        };
+        let mut row = serde_json::json!({
+            "budget": name,
+            "labels": subset.len(),
+            "scratch_accuracy": scratch,
+        });
+        let mut metrics = vec![(format!("scratch_accuracy_{key}"), scratch)];
+        for (i, &method) in settings.transfers.iter().enumerate() {
+            let Some((accuracy, used)) = fit(Some(method))? else {
+                return Ok(stopped(ctx));
+            };
+            let m = method.name();
+            row[format!("{m}_accuracy")] = accuracy.into();
+            row[format!("{m}_gain")] = (accuracy - scratch).into();
+            if method == Transfer::Auto {
+                row["auto_choice"] = used.name().into();
+            }
+            if i == 0 {
+                row["pretrained_accuracy"] = accuracy.into();
+                row["gain"] = (accuracy - scratch).into();
+                summary.insert(format!("label_efficiency_gain_{key}"), accuracy - scratch);
+                metrics.push((format!("pretrained_accuracy_{key}"), accuracy));
+            }
+            if settings.transfers.len() > 1 {
+                metrics.push((format!("{m}_accuracy_{key}"), accuracy));
             }
         }
-        let [pretrained, scratch] = accuracies;
-        let key = name.replace(' ', "_").replace('%', "pct");
-        summary.insert(format!("label_efficiency_gain_{key}"), pretrained - scratch);
         ctx.emit(TrainingEvent::Report {
             epoch: settings.epochs,
             step: steps_done,
-            metrics: vec![
-                (format!("pretrained_accuracy_{key}"), pretrained),
-                (format!("scratch_accuracy_{key}"), scratch),
-            ],
+            metrics,
         });
-        rows.push(serde_json::json!({
-            "budget": name,
-            "labels": subset.len(),
-            "pretrained_accuracy": pretrained,
-            "scratch_accuracy": scratch,
-            "gain": pretrained - scratch,
-        }));
+        rows.push(row);
     }
     Ok(TrainingOutcome::Evaluated(EvaluationReport {
         protocol: "label_efficiency".to_string(),
-        columns: [
-            "budget",
-            "labels",
-            "pretrained_accuracy",
-            "scratch_accuracy",
-            "gain",
-        ]
-        .map(String::from)
-        .to_vec(),
+        columns: label_efficiency_columns(&settings.transfers),
         rows,
         summary,
         train_images: split.train.len(),
@@ -581,6 +574,52 @@ pub fn run_label_efficiency(
         test_images_seen_in_pretraining: false,
         note: None,
     }))
+}
+
+fn stopped(ctx: &TrainingContext) -> TrainingOutcome {
+    TrainingOutcome::Stopped(ctx.stop.requested().unwrap_or(StopReason::Release))
+}
+
+/// The report's columns: the budget, scratch, the first method's accuracy
+/// and gain (`pretrained_accuracy`, `gain`), then every method's.
+fn label_efficiency_columns(transfers: &[Transfer]) -> Vec<String> {
+    let mut columns: Vec<String> = [
+        "budget",
+        "labels",
+        "pretrained_accuracy",
+        "scratch_accuracy",
+        "gain",
+    ]
+    .map(String::from)
+    .to_vec();
+    if transfers.len() > 1 {
+        for method in transfers {
+            columns.push(format!("{}_accuracy", method.name()));
+            columns.push(format!("{}_gain", method.name()));
+        }
+    }
+    if transfers.contains(&Transfer::Auto) {
+        columns.push("auto_choice".to_string());
+    }
+    columns
+}
+
+impl EvaluateConfig {
+    /// The supervised loop's settings of every label-efficiency run: always
+    /// augmented, never capped.
+    pub fn supervised_settings(&self) -> SupervisedSettings {
+        SupervisedSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            trunk_lr_scale: self.trunk_lr_scale,
+            weight_decay: self.weight_decay,
+            augment: true,
+            seed: self.seed,
+            min_steps: self.min_steps,
+            max_steps: None,
+        }
+    }
 }
 
 #[cfg(test)]

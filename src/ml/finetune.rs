@@ -1,31 +1,34 @@
-//! The fine-tuning loop: a classifier (trunk + linear `fc` head) trained on a
-//! stratified, possibly few-label subset of a labelled dataset, starting from
-//! a pretrained encoder's trunk or from scratch (the baseline).
+//! Fine-tuning jobs: a classifier made from a pretrained encoder's trunk by
+//! the job's transfer method (fine-tuning, a linear probe, kNN, or `auto`'s
+//! choice among them), or trained from scratch (the baseline), on a
+//! stratified, possibly few-label subset of a labelled dataset. This module
+//! owns what a job adds to the methods: the validation split, metric
+//! reports, checkpoints and the model it keeps.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
-use anyhow::Context;
-use tch::nn::{self, Module};
-use tch::{Device, Tensor};
+use tch::nn;
 
-use super::backbone::features;
-use super::checkpoint::{load_vars, save_model_weights, CheckpointSchedule};
+use super::checkpoint::CheckpointSchedule;
+use super::classifier::Classifier;
+use super::classifier::Transfer;
 use super::optimizer::AdamW;
-use super::training::{
-    cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
-    TrainingContext, TrainingEvent, TrainingOutcome,
+use super::supervised::{
+    evaluate_classifier, train_classifier, LabelledImages, StepDone, SupervisedSettings,
 };
-use crate::data::augment::augment;
-use crate::data::batches::{epoch_order, step_rng};
-use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
+use super::training::{
+    InputSpec, ModelArtifact, PermanentError, StopReason, TrainingContext, TrainingEvent,
+    TrainingOutcome,
+};
+use super::transfer::{choose_transfer, TransferModel, TransferNetwork, TransferSetup};
+use crate::data::loader::{load_image_set, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
-use crate::jobs::config::{FinetuneConfig, FinetuneMode};
+use crate::jobs::config::FinetuneConfig;
 
 /// Optimizer steps between two metric reports.
 const REPORT_EVERY: i64 = 10;
-/// Images per forward pass when evaluating.
-const EVAL_BATCH: usize = 256;
 
 /// The pretrained encoder a fine-tuning job starts from.
 pub struct BaseEncoder<'a> {
@@ -33,35 +36,11 @@ pub struct BaseEncoder<'a> {
     pub input: InputSpec,
 }
 
-/// Mean loss and accuracy of the classifier on `indices`.
-pub(crate) fn evaluate_classifier(
-    classify: &dyn Fn(&Tensor) -> Tensor,
-    data: &ImageTensorSet,
-    indices: &[i64],
-    input: &InputSpec,
-    device: Device,
-) -> (f64, f64) {
-    tch::no_grad(|| {
-        let (mut loss_sum, mut correct) = (0.0, 0.0);
-        for chunk in indices.chunks(EVAL_BATCH) {
-            let idx = Tensor::from_slice(chunk);
-            let images = normalise(
-                &data.images.index_select(0, &idx),
-                &input.mean,
-                &input.std,
-                device,
-            );
-            let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
-            let labels = Tensor::from_slice(&labels).to_device(device);
-            let logits = classify(&images);
-            let n = chunk.len() as f64;
-            loss_sum +=
-                f64::try_from(logits.cross_entropy_for_logits(&labels)).unwrap_or(f64::NAN) * n;
-            correct += f64::try_from(logits.accuracy_for_logits(&labels)).unwrap_or(0.0) * n;
-        }
-        let n = indices.len().max(1) as f64;
-        (loss_sum / n, correct / n)
-    })
+/// A labelled dataset split into the images trained on and those held out.
+struct FinetuneData {
+    data: ImageTensorSet,
+    train: Vec<usize>,
+    val: Vec<usize>,
 }
 
 /// Runs (or resumes) a fine-tuning job on the labelled dataset in `dataset_dir`.
@@ -73,6 +52,150 @@ pub fn run_finetune(
     base: Option<BaseEncoder>,
 ) -> anyhow::Result<TrainingOutcome> {
     let channels = base.as_ref().map_or(dataset_channels, |b| b.input.channels);
+    let split = load_finetune_data(ctx, config, dataset_dir, channels)?;
+    let input = input_spec(config, &split.data, channels, base.as_ref());
+    let settings = config.supervised_settings();
+    let setup = TransferSetup {
+        device: ctx.device,
+        backbone: config.backbone,
+        encoder_weights: base.as_ref().map(|b| b.weights),
+        data: &split.data,
+        input: &input,
+        supervised: &settings,
+        vote: config.vote,
+    };
+    let mut final_metrics = BTreeMap::new();
+    let method = match config.transfer {
+        Transfer::Auto => {
+            let mut stop = || ctx.stop.requested();
+            let Some(choice) = choose_transfer(&setup, &split.train, &mut stop)? else {
+                return Ok(stopped(ctx));
+            };
+            for (candidate, score) in &choice.scores {
+                final_metrics.insert(format!("auto_cv_accuracy_{}", candidate.name()), *score);
+            }
+            choice.method
+        }
+        method => method,
+    };
+    let mut model = TransferModel::new(&setup, method)?;
+    if let TransferNetwork::Linear(classifier) = &model.network {
+        let trained = train_with_checkpoints(ctx, config, &setup, &model.vs, classifier, &split)?;
+        match trained {
+            Ok(held_out) => final_metrics.extend(held_out),
+            Err(reason) => return Ok(TrainingOutcome::Stopped(reason)),
+        }
+    } else {
+        ctx.emit(TrainingEvent::Plan {
+            epochs: 1,
+            steps: 1,
+            start_step: 0,
+        });
+        model.remember(&setup, &split.train);
+        let held_out = validate(ctx, &model, &split, &input);
+        final_metrics.extend(held_out.iter().cloned());
+        ctx.emit(TrainingEvent::Report {
+            epoch: 1,
+            step: 1,
+            metrics: held_out,
+        });
+    }
+
+    model.save(&ctx.model_weights)?;
+    final_metrics.insert("train_labels".to_string(), split.train.len() as f64);
+    final_metrics.insert("val_images".to_string(), split.val.len() as f64);
+    Ok(TrainingOutcome::Finished(Box::new(ModelArtifact {
+        kind: "classifier",
+        backbone: config.backbone.name(),
+        pretext: None,
+        classes: split.data.classes.clone(),
+        embedding_dim: config.backbone.feature_dim(),
+        input,
+        metrics: final_metrics,
+        pretext_config: None,
+        report: None,
+        transfer: Some(method),
+        vote: (method == Transfer::Knn).then_some(config.vote),
+    })))
+}
+
+fn stopped(ctx: &TrainingContext) -> TrainingOutcome {
+    TrainingOutcome::Stopped(ctx.stop.requested().unwrap_or(StopReason::Release))
+}
+
+/// Trains a classifier with the supervised loop, resuming from the job's
+/// checkpoint and writing new ones, reporting every few steps and
+/// validating at each epoch's end; returns the last validation metrics, or
+/// why it stopped.
+fn train_with_checkpoints(
+    ctx: &TrainingContext,
+    config: &FinetuneConfig,
+    setup: &TransferSetup,
+    vs: &nn::VarStore,
+    classifier: &Classifier,
+    split: &FinetuneData,
+) -> anyhow::Result<Result<Vec<(String, f64)>, StopReason>> {
+    let mut optimizer = AdamW::new(vs, config.learning_rate, config.weight_decay)?;
+    let total_steps = setup.supervised.plan(split.train.len()).total_steps;
+    let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
+    let start_step = checkpoints.resume(vs, &mut optimizer)?;
+    ctx.emit(TrainingEvent::Plan {
+        epochs: config.epochs,
+        steps: total_steps,
+        start_step,
+    });
+    let mut last_held_out = Vec::new();
+    let images = LabelledImages {
+        data: &split.data,
+        train: &split.train,
+        input: setup.input,
+    };
+    let stopped = train_classifier(
+        classifier,
+        &mut optimizer,
+        &images,
+        setup.supervised,
+        ctx.device,
+        start_step,
+        &mut |done: StepDone| {
+            if done.done % REPORT_EVERY == 0 || done.epoch_end {
+                let mut metrics = done.means.drain();
+                if done.epoch_end {
+                    let (loss, accuracy) = evaluate_held_out(ctx, classifier, split, setup.input);
+                    last_held_out = vec![loss, accuracy];
+                    metrics.extend(last_held_out.iter().cloned());
+                }
+                ctx.emit(TrainingEvent::Report {
+                    epoch: done.epoch,
+                    step: done.done,
+                    metrics,
+                });
+            }
+            let stop = checkpoints.after_step(
+                ctx,
+                vs,
+                done.optimizer,
+                done.done,
+                done.epoch_end,
+                total_steps,
+            )?;
+            Ok(stop.map_or(ControlFlow::Continue(()), ControlFlow::Break))
+        },
+    )?;
+    Ok(match stopped {
+        Some(reason) => Err(reason),
+        None => Ok(last_held_out),
+    })
+}
+
+/// Loads the labelled images, holds out the validation split and applies
+/// the label budget to the rest.
+fn load_finetune_data(
+    ctx: &TrainingContext,
+    config: &FinetuneConfig,
+    dataset_dir: &Path,
+    channels: u8,
+) -> anyhow::Result<FinetuneData> {
     let data = load_image_set(
         dataset_dir,
         config.image_size as u32,
@@ -87,181 +210,96 @@ pub fn run_finetune(
         )
         .into());
     }
-    let (pool, val) = stratified_split(
-        &data.labels,
-        num_classes,
-        config.val_fraction,
-        config.seed as u64,
-    );
+    let seed = config.seed as u64;
+    let (pool, val) = stratified_split(&data.labels, num_classes, config.val_fraction, seed);
     let budget = match (config.label_fraction, config.labels_per_class) {
         (Some(f), _) => LabelBudget::Fraction(f),
         (_, Some(k)) => LabelBudget::PerClass(k as usize),
         _ => LabelBudget::All,
     };
-    let train = apply_budget(&pool, &data.labels, num_classes, budget, config.seed as u64);
+    let train = apply_budget(&pool, &data.labels, num_classes, budget, seed);
     if train.is_empty() {
         return Err(PermanentError("no labelled image is left for training after the validation split; lower config.val_fraction".into()).into());
     }
-    let input = match &base {
+    Ok(FinetuneData { data, train, val })
+}
+
+/// The base encoder's normalisation at the job's image size, or the
+/// dataset's own statistics when training from scratch.
+fn input_spec(
+    config: &FinetuneConfig,
+    data: &ImageTensorSet,
+    channels: u8,
+    base: Option<&BaseEncoder>,
+) -> InputSpec {
+    let image_size = config.image_size as u32;
+    match base {
         Some(b) => InputSpec {
-            image_size: config.image_size as u32,
+            image_size,
             ..b.input.clone()
         },
         None => {
             let (mean, std) = data.channel_stats();
             InputSpec {
-                image_size: config.image_size as u32,
+                image_size,
                 channels,
                 mean,
                 std,
             }
         }
-    };
-
-    // Reproducible initialisation for a given seed.
-    tch::manual_seed(config.seed);
-    let vs = nn::VarStore::new(ctx.device);
-    let root = vs.root();
-    let trunk = config.backbone.build(&root.set_group(0), channels as i64);
-    let fc = nn::linear(
-        root.set_group(1) / "fc",
-        config.backbone.feature_dim(),
-        num_classes as i64,
-        Default::default(),
-    );
-    let is_trunk = |name: &str| !name.starts_with("fc.");
-    if let Some(b) = &base {
-        load_vars(&vs, b.weights, is_trunk).context("Failed to load the base model's trunk")?;
     }
-    let linear = config.mode == FinetuneMode::Linear;
-    if linear {
-        for (name, var) in vs.variables() {
-            if is_trunk(&name) {
-                let _ = var.set_requires_grad(false);
-            }
-        }
+}
+
+/// The images held out for validation, or the training images (named
+/// `train_eval`) when nothing was held out.
+fn held_out(split: &FinetuneData) -> (&'static str, &[usize]) {
+    if split.val.is_empty() {
+        ("train_eval", &split.train)
+    } else {
+        ("val", &split.val)
     }
-    let mut optimizer = AdamW::new(&vs, config.learning_rate, config.weight_decay)?;
-    let classify = |images: &Tensor, train: bool| -> Tensor {
-        let feats = if linear {
-            tch::no_grad(|| features(&trunk, images, false))
-        } else {
-            features(&trunk, images, train)
-        };
-        fc.forward(&feats)
-    };
+}
 
-    let batch_size = (config.batch_size as usize).min(train.len()).max(1);
-    let steps_per_epoch = (train.len() / batch_size).max(1) as i64;
-    let mut total_steps = config.epochs * steps_per_epoch;
-    if let Some(max_steps) = config.max_steps {
-        total_steps = total_steps.min(max_steps);
-    }
-    let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
-    let start_step = checkpoints.resume(&vs, &mut optimizer)?;
-    ctx.emit(TrainingEvent::Plan {
-        epochs: config.epochs,
-        steps: total_steps,
-        start_step,
-    });
+/// Loss and accuracy of a trained classifier on the held-out images.
+fn evaluate_held_out(
+    ctx: &TrainingContext,
+    classifier: &Classifier,
+    split: &FinetuneData,
+    input: &InputSpec,
+) -> ((String, f64), (String, f64)) {
+    let (prefix, images) = held_out(split);
+    let (loss, accuracy) = evaluate_classifier(classifier, &split.data, images, input, ctx.device);
+    (
+        (format!("{prefix}_loss"), loss),
+        (format!("{prefix}_accuracy"), accuracy),
+    )
+}
 
-    let train_i64: Vec<i64> = train.iter().map(|&i| i as i64).collect();
-    let val_i64: Vec<i64> = val.iter().map(|&i| i as i64).collect();
-    let mut means = RunningMeans::default();
-    let mut order = Vec::new();
-    let mut order_epoch = -1;
-    let mut final_metrics = BTreeMap::new();
-    for step in start_step..total_steps {
-        let epoch = step / steps_per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(train.len(), config.seed, epoch)
-                .into_iter()
-                .map(|k| train_i64[k as usize])
-                .collect();
-            order_epoch = epoch;
-        }
-        let within = (step % steps_per_epoch) as usize;
-        let chunk = &order[within * batch_size..(within + 1) * batch_size];
-        let mut images = normalise(
-            &data.images.index_select(0, &Tensor::from_slice(chunk)),
-            &input.mean,
-            &input.std,
-            ctx.device,
-        );
-        if config.augment {
-            let mut rng = step_rng(config.seed, step);
-            images = augment(&images, &mut rng);
-        }
-        let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
-        let labels = Tensor::from_slice(&labels).to_device(ctx.device);
-        seed_step(config.seed, step);
-        let logits = classify(&images, true);
-        let loss = logits.cross_entropy_for_logits(&labels);
-        let learning_rate = cosine_learning_rate(config.learning_rate, step, total_steps);
-        optimizer.set_lr_group(1, learning_rate);
-        optimizer.set_lr_group(0, learning_rate * config.trunk_lr_scale);
-        optimizer.backward_step(&loss);
+/// Accuracy of a fitted kNN classifier on the held-out images.
+fn validate(
+    ctx: &TrainingContext,
+    model: &TransferModel,
+    split: &FinetuneData,
+    input: &InputSpec,
+) -> Vec<(String, f64)> {
+    let (prefix, images) = held_out(split);
+    let accuracy = model.accuracy(&split.data, images, input, ctx.device);
+    vec![(format!("{prefix}_accuracy"), accuracy)]
+}
 
-        means.add("loss", f64::try_from(&loss)?);
-        means.add(
-            "train_accuracy",
-            f64::try_from(logits.accuracy_for_logits(&labels))?,
-        );
-        means.add("learning_rate", learning_rate);
-        means.add_images(batch_size as u64);
-
-        let done = step + 1;
-        let epoch_end = done % steps_per_epoch == 0 || done == total_steps;
-        if done % REPORT_EVERY == 0 || epoch_end {
-            let mut metrics = means.drain();
-            if epoch_end {
-                let eval_images = if val_i64.is_empty() {
-                    &train_i64
-                } else {
-                    &val_i64
-                };
-                let (val_loss, val_accuracy) = evaluate_classifier(
-                    &|x| classify(x, false),
-                    &data,
-                    eval_images,
-                    &input,
-                    ctx.device,
-                );
-                let prefix = if val_i64.is_empty() {
-                    "train_eval"
-                } else {
-                    "val"
-                };
-                metrics.push((format!("{prefix}_loss"), val_loss));
-                metrics.push((format!("{prefix}_accuracy"), val_accuracy));
-                final_metrics.insert(format!("{prefix}_accuracy"), val_accuracy);
-                final_metrics.insert(format!("{prefix}_loss"), val_loss);
-            }
-            ctx.emit(TrainingEvent::Report {
-                epoch: epoch + 1,
-                step: done,
-                metrics,
-            });
-        }
-        if let Some(reason) =
-            checkpoints.after_step(ctx, &vs, &optimizer, done, epoch_end, total_steps)?
-        {
-            return Ok(TrainingOutcome::Stopped(reason));
+impl FinetuneConfig {
+    /// The supervised loop's settings of this job.
+    pub fn supervised_settings(&self) -> SupervisedSettings {
+        SupervisedSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            trunk_lr_scale: self.trunk_lr_scale,
+            weight_decay: self.weight_decay,
+            augment: self.augment,
+            seed: self.seed,
+            min_steps: self.min_steps,
+            max_steps: self.max_steps,
         }
     }
-
-    save_model_weights(&vs, &ctx.model_weights, |_| true)?;
-    final_metrics.insert("train_labels".to_string(), train.len() as f64);
-    final_metrics.insert("val_images".to_string(), val.len() as f64);
-    Ok(TrainingOutcome::Finished(ModelArtifact {
-        kind: "classifier",
-        backbone: config.backbone.name(),
-        pretext: None,
-        classes: data.classes.clone(),
-        embedding_dim: config.backbone.feature_dim(),
-        input,
-        metrics: final_metrics,
-        pretext_config: None,
-        report: None,
-    }))
 }

@@ -27,15 +27,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::backbone::{features, Backbone};
-use super::checkpoint::load_vars;
+use super::checkpoint::{copy_into_vars, read_named};
+use super::classifier::{Classifier, NeighbourVote};
 use super::device::device_name;
 use super::training::InputSpec;
+use super::transfer::NeighbourBank;
 use crate::data::loader::normalise;
 
 /// Which model to run, as the executor needs to rebuild it.
@@ -46,6 +48,8 @@ pub struct ModelHandle {
     pub input: InputSpec,
     /// Number of classes of a classifier; `None` for an encoder.
     pub num_classes: Option<usize>,
+    /// How a kNN classifier votes; `None` for a linear head.
+    pub vote: Option<NeighbourVote>,
     pub weights: PathBuf,
 }
 
@@ -133,32 +137,44 @@ impl Drop for Arrival {
     }
 }
 
+/// A model's network: an encoder's trunk, a trunk with a linear head, or a
+/// trunk with the labelled features it votes with.
+enum Network {
+    Encoder(nn::FuncT<'static>),
+    Classifier(Classifier),
+    Neighbours {
+        trunk: nn::FuncT<'static>,
+        bank: NeighbourBank,
+    },
+}
+
 struct LoadedModel {
     id: Uuid,
     _vs: nn::VarStore,
-    trunk: nn::FuncT<'static>,
-    head: Option<nn::Linear>,
+    network: Network,
 }
 
 fn load_model(handle: &ModelHandle, device: Device) -> anyhow::Result<LoadedModel> {
     let vs = nn::VarStore::new(device);
-    let root = vs.root();
-    let trunk = handle.backbone.build(&root, handle.input.channels as i64);
-    let head = handle.num_classes.map(|k| {
-        nn::linear(
-            &root / "fc",
-            handle.backbone.feature_dim(),
-            k as i64,
-            Default::default(),
-        )
-    });
-    load_vars(&vs, &handle.weights, |_| true)
+    let channels = handle.input.channels;
+    let stored = read_named(&handle.weights)
+        .with_context(|| format!("Failed to load model {}", handle.id))?;
+    let network = match (handle.num_classes, handle.vote) {
+        (Some(k), None) => {
+            Network::Classifier(Classifier::new(&vs.root(), handle.backbone, channels, k))
+        }
+        (Some(k), Some(vote)) => Network::Neighbours {
+            trunk: handle.backbone.build(&vs.root(), channels as i64),
+            bank: NeighbourBank::from_tensors(&stored, k as i64, vote)?,
+        },
+        (None, _) => Network::Encoder(handle.backbone.build(&vs.root(), channels as i64)),
+    };
+    copy_into_vars(&vs, &stored, &handle.weights, |_| true)
         .with_context(|| format!("Failed to load model {}", handle.id))?;
     Ok(LoadedModel {
         id: handle.id,
         _vs: vs,
-        trunk,
-        head,
+        network,
     })
 }
 
@@ -219,11 +235,20 @@ fn forward(
     let batch = Tensor::from_slice(&flat).view([images.len() as i64, channels, size, size]);
     let xs = normalise(&batch, &input.mean, &input.std, device);
     tch::no_grad(|| {
-        let feats = features(&model.trunk, &xs, false);
-        let probabilities = match (&model.head, classify) {
-            (Some(head), true) => Some(rows(&head.forward(&feats).softmax(-1, Kind::Float))?),
-            _ => None,
+        let (feats, probabilities) = match &model.network {
+            Network::Encoder(trunk) => (features(trunk, &xs, false), None),
+            Network::Neighbours { trunk, bank } => {
+                let feats = features(trunk, &xs, false);
+                let probabilities = classify.then(|| bank.probabilities(&feats));
+                (feats, probabilities)
+            }
+            Network::Classifier(classifier) => {
+                let feats = classifier.features(&xs, false);
+                let probabilities = classify.then(|| classifier.probabilities_of_features(&feats));
+                (feats, probabilities)
+            }
         };
+        let probabilities = probabilities.as_ref().map(rows).transpose()?;
         Ok(BatchRows {
             features: rows(&feats)?,
             probabilities,

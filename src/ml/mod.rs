@@ -5,7 +5,9 @@
 
 pub mod allocator;
 pub mod backbone;
+pub mod ceiling;
 pub mod checkpoint;
+pub mod classifier;
 pub mod description;
 pub mod device;
 pub mod evaluate;
@@ -15,4 +17,6 @@ pub mod optimizer;
 pub mod prefetch;
 pub mod pretext;
 pub mod pretrain;
+pub mod supervised;
 pub mod training;
+pub mod transfer;

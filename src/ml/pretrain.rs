@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::checkpoint::{save_model_weights, CheckpointSchedule};
 use super::device::channels_last_weights;
-use super::evaluate::{evaluate_frozen, EvaluationData, FrozenProtocols};
+use super::evaluate::{evaluate_frozen, EvaluationData, FrozenProtocols, KnnMonitor};
 use super::optimizer::AdamW;
 use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
@@ -54,11 +54,23 @@ pub fn run_pretrain(
     let mut optimizer = AdamW::new(&vs, config.learning_rate, config.weight_decay)?;
 
     let batch_size = (config.batch_size as usize).min(data.len()).max(1);
-    let final_means =
-        match train_on_pretext(ctx, config, (&vs, &mut optimizer), &model, data, &input)? {
-            PretextEnd::Trained { last_epoch_means } => last_epoch_means,
-            PretextEnd::Stopped(reason) => return Ok(TrainingOutcome::Stopped(reason)),
-        };
+    let monitor = match (&evaluation, config.knn_monitor_epochs) {
+        (Some(evaluation), every) if every > 0 => {
+            Some((KnnMonitor::new(evaluation, &input)?, every))
+        }
+        _ => None,
+    };
+    let final_means = match train_on_pretext(
+        ctx,
+        config,
+        (&vs, &mut optimizer),
+        &model,
+        (data, &input),
+        monitor.as_ref(),
+    )? {
+        PretextEnd::Trained { last_epoch_means } => last_epoch_means,
+        PretextEnd::Stopped(reason) => return Ok(TrainingOutcome::Stopped(reason)),
+    };
     let head_prefix = format!("{HEAD_PATH}.");
     save_model_weights(&vs, &ctx.model_weights, |name| {
         !name.starts_with(&head_prefix)
@@ -87,7 +99,7 @@ pub fn run_pretrain(
         metrics.extend(frozen.summary.clone());
         report = Some(frozen);
     }
-    Ok(TrainingOutcome::Finished(ModelArtifact {
+    Ok(TrainingOutcome::Finished(Box::new(ModelArtifact {
         kind: "encoder",
         backbone: config.backbone.name(),
         pretext: Some(config.pretext.name().to_string()),
@@ -97,7 +109,9 @@ pub fn run_pretrain(
         metrics,
         pretext_config: Some(model.task.describe()),
         report,
-    }))
+        transfer: None,
+        vote: None,
+    })))
 }
 
 /// The network being pretrained: the trunk that becomes the encoder, and the
@@ -140,14 +154,14 @@ fn build_pretext_model(
 }
 
 /// Trains from the checkpoint (or step 0) to the last step, reporting as it
-/// goes.
+/// goes, with the kNN monitor's accuracy every few epochs when there is one.
 fn train_on_pretext(
     ctx: &TrainingContext,
     config: &PretrainConfig,
     (vs, optimizer): (&nn::VarStore, &mut AdamW),
     model: &PretextModel,
-    data: ImageTensorSet,
-    input: &InputSpec,
+    (data, input): (ImageTensorSet, &InputSpec),
+    monitor: Option<&(KnnMonitor, i64)>,
 ) -> anyhow::Result<PretextEnd> {
     let batch_size = (config.batch_size as usize).min(data.len()).max(1);
     let steps_per_epoch = (data.len() / batch_size).max(1) as i64;
@@ -200,10 +214,17 @@ fn train_on_pretext(
                 means.add_sum("loss", loss_sum, steps);
                 means.add_sum("pretext_accuracy", accuracy_sum, steps);
             }
+            let epoch = step / steps_per_epoch + 1;
+            let mut metrics = means.drain();
+            let monitor_due = |(_, every): &&(KnnMonitor, i64)| epoch_end && epoch % every == 0;
+            if let Some((monitor, _)) = monitor.filter(monitor_due) {
+                let accuracy = monitor.accuracy(&model.trunk, input, ctx.device);
+                metrics.push(("knn_monitor_accuracy".to_string(), accuracy));
+            }
             ctx.emit(TrainingEvent::Report {
-                epoch: step / steps_per_epoch + 1,
+                epoch,
                 step: done,
-                metrics: means.drain(),
+                metrics,
             });
         }
         if epoch_end {

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
+
+use super::classifier::{NeighbourVote, Transfer};
 use uuid::Uuid;
 
 /// Why a running loop was asked to stop before its end.
@@ -107,12 +109,16 @@ pub struct ModelArtifact {
     pub pretext_config: Option<serde_json::Value>,
     /// Evaluation run at the end of the job, if it asked for one.
     pub report: Option<EvaluationReport>,
+    /// How a classifier was made from its trunk (never `auto`: its choice).
+    pub transfer: Option<Transfer>,
+    /// How a kNN classifier votes.
+    pub vote: Option<NeighbourVote>,
 }
 
 /// How a loop ended.
 #[derive(Debug)]
 pub enum TrainingOutcome {
-    Finished(ModelArtifact),
+    Finished(Box<ModelArtifact>),
     /// An evaluation job's results (no new model).
     Evaluated(EvaluationReport),
     Stopped(StopReason),

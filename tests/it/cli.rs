@@ -135,6 +135,8 @@ async fn uploads_a_folder_then_pretrains_then_finetunes_then_classifies_and_embe
             "epochs=2",
             "--set",
             "batch_size=8",
+            "--set",
+            "min_steps=20",
         ],
     )
     .await;

@@ -666,7 +666,8 @@ async fn elongated_images_and_heavy_uploads_leave_a_separate_server_alive_within
         .await;
     let classifier = server
         .create_job(json!({"kind": "finetune", "dataset_id": dataset["id"],
-            "base_model_id": encoder["model_id"], "config": {"epochs": 1, "batch_size": 8, "image_size": 48}}))
+            "base_model_id": encoder["model_id"],
+            "config": {"transfer": "fine_tune", "epochs": 1, "min_steps": 0, "batch_size": 8, "image_size": 48}}))
         .await;
     let classifier = server
         .wait_for_success(classifier["id"].as_str().unwrap(), Duration::from_secs(300))

@@ -61,7 +61,7 @@ async fn torchvision_reproduces_the_served_embeddings_and_scores() {
     let job = app
         .create_job(
             json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
-            "config": {"max_steps": 2, "batch_size": 4, "val_fraction": 0.0}}),
+            "config": {"transfer": "fine_tune", "max_steps": 2, "batch_size": 4, "val_fraction": 0.0}}),
         )
         .await;
     let job = app

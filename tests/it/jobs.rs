@@ -183,10 +183,10 @@ async fn a_queued_job_is_cancelled_at_once_and_its_dataset_is_protected_while_qu
         .await;
     let id = job["id"].as_str().unwrap();
     assert_eq!(
-        job["config"]["backbone"], "resnet18_small",
+        job["config"]["backbone"], "resnet10_narrow",
         "32 px images get the small-image defaults"
     );
-    assert_eq!(job["config"]["image_size"], 64);
+    assert_eq!(job["config"]["image_size"], 32);
 
     assert_problem(app.delete(&format!("/v1/datasets/{dataset_id}")).await, 409).await;
     let listed = app.get_json("/v1/jobs?state=queued&kind=pretrain").await;

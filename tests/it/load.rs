@@ -56,7 +56,7 @@ async fn concurrent_uploads_submissions_and_classifications_lose_nothing() {
     let job = trainer
         .create_job(
             json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": job["model_id"],
-            "config": {"epochs": 2, "batch_size": 8}}),
+            "config": {"epochs": 2, "min_steps": 0, "batch_size": 8}}),
         )
         .await;
     let job = trainer

@@ -24,3 +24,4 @@ mod pretext;
 mod resume;
 mod scale_out;
 mod tenants;
+mod transfer;

@@ -80,6 +80,16 @@ async fn simclr_pretraining_learns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vicreg_pretraining_learns() {
+    pretrain_and_check_loss_falls("vicreg", json!({"expander_dim": 64})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barlow_twins_pretraining_learns() {
+    pretrain_and_check_loss_falls("barlow_twins", json!({"projector_dim": 64})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relative_position_pretraining_learns() {
     // Stripes look the same in every patch, so the shapes' images leave little
     // to learn; radial gradients give every patch a position to find.

@@ -13,10 +13,12 @@
 //! training step ([`crate::ml::prefetch`]); the step ([`PretextTask::step`])
 //! then only moves the batch to the device and runs the network.
 
+pub mod barlow_twins;
 pub mod jigsaw;
 pub mod relative_position;
 pub mod rotation;
 pub mod simclr;
+pub mod vicreg;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::loader::normalise;
 use crate::ml::device::{channels_last, mixed_precision, to_device_async};
 use crate::validation::{parse_config_object, FieldChecker, FieldError};
+use barlow_twins::{barlow_twins_loss, BarlowTwinsConfig, BarlowTwinsConfigRequest};
 use jigsaw::{
     make_puzzles, JigsawConfig, JigsawConfigRequest, JigsawHead, JigsawPermutationSet, PuzzleShape,
 };
@@ -34,8 +37,10 @@ use relative_position::{
 };
 use rotation::{draw_flips, make_rotations, RotationConfig, RotationConfigRequest, RotationHead};
 use simclr::{
-    make_views, nt_xent, ProjectionHead, SimclrConfig, SimclrConfigRequest, ViewAugmentation,
+    make_views, nt_xent, sibling_accuracy, ProjectionHead, SimclrConfig, SimclrConfigRequest,
+    ViewAugmentation,
 };
+use vicreg::{vicreg_loss, Expander, VicregConfig, VicregConfigRequest, VicregWeights};
 
 /// A pretext task and its settings, every default filled in. Stored flat in
 /// a pretrain job's config: `{"pretext": "jigsaw", "grid": 3, …}`.
@@ -50,14 +55,21 @@ pub enum PretextConfig {
     Simclr(SimclrConfig),
     /// Doersch et al. 2015: where a patch sits relative to the centre patch.
     RelativePosition(RelativePositionConfig),
+    /// Bardes et al. 2022: two views agree, with variance kept and
+    /// dimensions decorrelated.
+    Vicreg(VicregConfig),
+    /// Zbontar et al. 2021: the two views' cross-correlation is the identity.
+    BarlowTwins(BarlowTwinsConfig),
 }
 
 /// Every task's API name and the config fields it owns.
-const TASKS: [(&str, &[&str]); 4] = [
+const TASKS: [(&str, &[&str]); 6] = [
     ("jigsaw", jigsaw::FIELDS),
     ("rotation", rotation::FIELDS),
     ("simclr", simclr::FIELDS),
     ("relative_position", relative_position::FIELDS),
+    ("vicreg", vicreg::FIELDS),
+    ("barlow_twins", barlow_twins::FIELDS),
 ];
 
 /// The task a pretrain job learns when its config names none.
@@ -71,6 +83,8 @@ impl PretextConfig {
             PretextConfig::Rotation(_) => "rotation",
             PretextConfig::Simclr(_) => "simclr",
             PretextConfig::RelativePosition(_) => "relative_position",
+            PretextConfig::Vicreg(_) => "vicreg",
+            PretextConfig::BarlowTwins(_) => "barlow_twins",
         }
     }
 
@@ -124,6 +138,12 @@ impl PretextConfig {
             "simclr" => parse_config_object::<SimclrConfigRequest>(fields)
                 .and_then(|request| request.resolve(image_size))
                 .map(PretextConfig::Simclr),
+            "vicreg" => parse_config_object::<VicregConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::Vicreg),
+            "barlow_twins" => parse_config_object::<BarlowTwinsConfigRequest>(fields)
+                .and_then(|request| request.resolve(image_size))
+                .map(PretextConfig::BarlowTwins),
             _ => parse_config_object::<RelativePositionConfigRequest>(fields)
                 .and_then(|request| request.resolve(image_size))
                 .map(PretextConfig::RelativePosition),
@@ -141,6 +161,8 @@ impl PretextConfig {
     pub fn default_batch_size(&self) -> i64 {
         match self {
             PretextConfig::Simclr(_) => simclr::DEFAULT_BATCH_SIZE,
+            PretextConfig::Vicreg(_) => vicreg::DEFAULT_BATCH_SIZE,
+            PretextConfig::BarlowTwins(_) => barlow_twins::DEFAULT_BATCH_SIZE,
             _ => 64,
         }
     }
@@ -149,6 +171,8 @@ impl PretextConfig {
     pub fn min_batch_size(&self) -> i64 {
         match self {
             PretextConfig::Simclr(_) => simclr::MIN_BATCH_SIZE,
+            PretextConfig::Vicreg(_) => vicreg::MIN_BATCH_SIZE,
+            PretextConfig::BarlowTwins(_) => barlow_twins::MIN_BATCH_SIZE,
             _ => 1,
         }
     }
@@ -240,7 +264,8 @@ pub enum BatchRecipe {
     RelativePosition {
         shape: PuzzleShape,
     },
-    Simclr {
+    /// Two augmented views of every image (SimCLR, VICReg, Barlow Twins).
+    Views {
         augmentation: ViewAugmentation,
     },
 }
@@ -265,7 +290,7 @@ impl BatchRecipe {
                 let (tiles, labels) = make_pairs(images, *shape, rng);
                 PretextBatch::Tiles { tiles, labels }
             }
-            BatchRecipe::Simclr { augmentation } => PretextBatch::Views {
+            BatchRecipe::Views { augmentation } => PretextBatch::Views {
                 views: make_views(&images.to_tensor(), *augmentation, rng),
             },
         }
@@ -294,6 +319,16 @@ pub enum PretextTask {
     Simclr {
         head: ProjectionHead,
         temperature: f64,
+        augmentation: ViewAugmentation,
+    },
+    Vicreg {
+        head: Expander,
+        weights: VicregWeights,
+        augmentation: ViewAugmentation,
+    },
+    BarlowTwins {
+        head: Expander,
+        redundancy_weight: f64,
         augmentation: ViewAugmentation,
     },
 }
@@ -333,6 +368,16 @@ impl PretextTask {
                 temperature: simclr.temperature,
                 augmentation: simclr.augmentation(),
             },
+            PretextConfig::Vicreg(vicreg) => PretextTask::Vicreg {
+                head: Expander::new(p, feature_dim, vicreg.expander_dim),
+                weights: vicreg.weights(),
+                augmentation: vicreg.augmentation(),
+            },
+            PretextConfig::BarlowTwins(barlow) => PretextTask::BarlowTwins {
+                head: Expander::new(p, feature_dim, barlow.projector_dim),
+                redundancy_weight: barlow.redundancy_weight,
+                augmentation: barlow.augmentation(),
+            },
         }
     }
 
@@ -351,7 +396,9 @@ impl PretextTask {
             PretextTask::RelativePosition { shape, .. } => {
                 BatchRecipe::RelativePosition { shape: *shape }
             }
-            PretextTask::Simclr { augmentation, .. } => BatchRecipe::Simclr {
+            PretextTask::Simclr { augmentation, .. }
+            | PretextTask::Vicreg { augmentation, .. }
+            | PretextTask::BarlowTwins { augmentation, .. } => BatchRecipe::Views {
                 augmentation: *augmentation,
             },
         }
@@ -409,6 +456,31 @@ impl PretextTask {
                 let (loss, accuracy) = nt_xent(&head.forward(&features(&xs)), *temperature);
                 (loss.to_kind(Kind::Float), accuracy)
             }
+            (PretextTask::Vicreg { head, weights, .. }, PretextBatch::Views { views }) => {
+                let xs =
+                    normalise_floats(&to_device_async(views, device), input.0, input.1, device);
+                let embeddings = head.forward(&features(&xs));
+                (
+                    vicreg_loss(&embeddings, *weights),
+                    sibling_accuracy(&embeddings),
+                )
+            }
+            (
+                PretextTask::BarlowTwins {
+                    head,
+                    redundancy_weight,
+                    ..
+                },
+                PretextBatch::Views { views },
+            ) => {
+                let xs =
+                    normalise_floats(&to_device_async(views, device), input.0, input.1, device);
+                let embeddings = head.forward(&features(&xs));
+                (
+                    barlow_twins_loss(&embeddings, *redundancy_weight),
+                    sibling_accuracy(&embeddings),
+                )
+            }
             _ => unreachable!("a batch is always built by its own task's recipe"),
         })
     }
@@ -421,7 +493,11 @@ impl PretextTask {
             }
             PretextTask::Rotation { .. } => 0.25,
             PretextTask::RelativePosition { .. } => 0.125,
-            PretextTask::Simclr { .. } => 1.0 / (2 * batch_size).saturating_sub(1).max(1) as f64,
+            PretextTask::Simclr { .. }
+            | PretextTask::Vicreg { .. }
+            | PretextTask::BarlowTwins { .. } => {
+                1.0 / (2 * batch_size).saturating_sub(1).max(1) as f64
+            }
         }
     }
 
@@ -452,6 +528,26 @@ impl PretextTask {
                 ..
             } => serde_json::json!({
                 "temperature": temperature,
+                "min_crop_scale": augmentation.min_crop_scale,
+                "color_jitter": augmentation.color_jitter,
+            }),
+            PretextTask::Vicreg {
+                weights,
+                augmentation,
+                ..
+            } => serde_json::json!({
+                "invariance_weight": weights.invariance,
+                "variance_weight": weights.variance,
+                "covariance_weight": weights.covariance,
+                "min_crop_scale": augmentation.min_crop_scale,
+                "color_jitter": augmentation.color_jitter,
+            }),
+            PretextTask::BarlowTwins {
+                redundancy_weight,
+                augmentation,
+                ..
+            } => serde_json::json!({
+                "redundancy_weight": redundancy_weight,
                 "min_crop_scale": augmentation.min_crop_scale,
                 "color_jitter": augmentation.color_jitter,
             }),

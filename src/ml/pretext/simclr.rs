@@ -143,6 +143,24 @@ pub fn nt_xent(projections: &Tensor, temperature: f64) -> (Tensor, Tensor) {
     (loss, accuracy)
 }
 
+/// The fraction of views `[2B, P]` (rows `i` and `i + B` siblings) whose
+/// most similar other view, by cosine similarity, is their sibling: the
+/// pretext accuracy of every two-view task.
+pub fn sibling_accuracy(projections: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let projections = projections.to_kind(Kind::Float);
+        let n = projections.size()[0];
+        let z = &projections
+            / projections
+                .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+                .clamp_min(1e-8);
+        let eye = Tensor::eye(n, (Kind::Float, z.device()));
+        let similarities = z.matmul(&z.transpose(0, 1)) - eye * 1e9;
+        let targets = (Tensor::arange(n, (Kind::Int64, z.device())) + n / 2).remainder(n);
+        similarities.accuracy_for_logits(&targets)
+    })
+}
+
 fn random_resized_crop(image: &Tensor, side: i64, min_scale: f64, rng: &mut impl Rng) -> Tensor {
     let area = (side * side) as f64;
     for _ in 0..10 {
