@@ -421,6 +421,56 @@ impl Default for FrozenProbeSettings {
     }
 }
 
+fn resolve_protocol(c: &mut FieldChecker, protocol: Option<&str>) -> Protocol {
+    match protocol {
+        Some("knn") => Protocol::Knn,
+        Some("linear") => Protocol::Linear,
+        Some("label_efficiency") => Protocol::LabelEfficiency,
+        Some(other) => {
+            c.reject(
+                "protocol",
+                format!("unknown protocol `{other}`; use knn, linear or label_efficiency"),
+            );
+            Protocol::Knn
+        }
+        None => {
+            c.reject("protocol", "required: knn, linear or label_efficiency");
+            Protocol::Knn
+        }
+    }
+}
+
+impl FrozenProbeSettings {
+    /// The settings as sent, defaults filled in and bounds checked.
+    fn resolve(
+        c: &mut FieldChecker,
+        (k, knn_temperature): (Option<i64>, Option<f64>),
+        (linear_epochs, linear_learning_rate): (Option<i64>, Option<f64>),
+    ) -> Self {
+        let defaults = Self::default();
+        let vote = resolve_vote(c, k, knn_temperature);
+        Self {
+            k: vote.k,
+            knn_temperature: vote.temperature,
+            linear_epochs: c.int(
+                "linear_epochs",
+                linear_epochs,
+                defaults.linear_epochs,
+                1,
+                10_000,
+            ),
+            linear_learning_rate: c.float(
+                "linear_learning_rate",
+                linear_learning_rate,
+                defaults.linear_learning_rate,
+                0.0,
+                10.0,
+                true,
+            ),
+        }
+    }
+}
+
 /// The evaluation protocols.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -489,22 +539,7 @@ impl EvaluateConfigRequest {
     /// Fills defaults and validates.
     pub fn resolve(self) -> Result<EvaluateConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let protocol = match self.protocol.as_deref() {
-            Some("knn") => Protocol::Knn,
-            Some("linear") => Protocol::Linear,
-            Some("label_efficiency") => Protocol::LabelEfficiency,
-            Some(other) => {
-                c.reject(
-                    "protocol",
-                    format!("unknown protocol `{other}`; use knn, linear or label_efficiency"),
-                );
-                Protocol::Knn
-            }
-            None => {
-                c.reject("protocol", "required: knn, linear or label_efficiency");
-                Protocol::Knn
-            }
-        };
+        let protocol = resolve_protocol(&mut c, self.protocol.as_deref());
         let test_fraction = c.float(
             "test_fraction",
             self.test_fraction,
@@ -513,33 +548,11 @@ impl EvaluateConfigRequest {
             0.9,
             true,
         );
-        let defaults = FrozenProbeSettings::default();
-        let probes = FrozenProbeSettings {
-            k: c.int("k", self.k, defaults.k, 1, 10_000),
-            knn_temperature: c.float(
-                "knn_temperature",
-                self.knn_temperature,
-                defaults.knn_temperature,
-                0.0,
-                10.0,
-                true,
-            ),
-            linear_epochs: c.int(
-                "linear_epochs",
-                self.linear_epochs,
-                defaults.linear_epochs,
-                1,
-                10_000,
-            ),
-            linear_learning_rate: c.float(
-                "linear_learning_rate",
-                self.linear_learning_rate,
-                defaults.linear_learning_rate,
-                0.0,
-                10.0,
-                true,
-            ),
-        };
+        let probes = FrozenProbeSettings::resolve(
+            &mut c,
+            (self.k, self.knn_temperature),
+            (self.linear_epochs, self.linear_learning_rate),
+        );
         let labels_per_class = self.labels_per_class.unwrap_or_else(|| vec![1, 10, 100]);
         if labels_per_class
             .iter()

@@ -17,8 +17,8 @@ use super::optimizer::AdamW;
 use super::prefetch::{BatchPlan, BatchPrefetcher};
 use super::pretext::{PretextTask, HEAD_PATH};
 use super::training::{
-    cosine_learning_rate, seed_step, InputSpec, ModelArtifact, PermanentError, RunningMeans,
-    StopReason, TrainingContext, TrainingEvent, TrainingOutcome,
+    cosine_learning_rate, seed_step, EvaluationReport, InputSpec, ModelArtifact, PermanentError,
+    RunningMeans, StopReason, TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::data::loader::{load_image_set, ImageTensorSet};
 use crate::jobs::config::PretrainConfig;
@@ -80,24 +80,15 @@ pub fn run_pretrain(
         "chance_accuracy".to_string(),
         model.task.chance_accuracy(batch_size),
     );
-    let mut report = None;
-    if let Some(evaluation) = evaluation {
-        // The encoder is trained: only a cancel interrupts its evaluation
-        // (a release would send the job back to retrain from a checkpoint).
-        let cancelled = || ctx.stop.requested() == Some(StopReason::Cancel);
-        let Some(frozen) = evaluate_frozen(
-            &model.trunk,
-            &input,
-            ctx.device,
-            &evaluation,
-            FrozenProtocols::KnnAndLinear,
-            &cancelled,
-        )?
-        else {
-            return Ok(TrainingOutcome::Stopped(StopReason::Cancel));
-        };
-        metrics.extend(frozen.summary.clone());
-        report = Some(frozen);
+    let report = match evaluation {
+        Some(evaluation) => match evaluate_trained_encoder(ctx, &model, &input, &evaluation)? {
+            Some(report) => Some(report),
+            None => return Ok(TrainingOutcome::Stopped(StopReason::Cancel)),
+        },
+        None => None,
+    };
+    if let Some(report) = &report {
+        metrics.extend(report.summary.clone());
     }
     Ok(TrainingOutcome::Finished(Box::new(ModelArtifact {
         kind: "encoder",
@@ -112,6 +103,26 @@ pub fn run_pretrain(
         transfer: None,
         vote: None,
     })))
+}
+
+/// kNN and the linear probe of the trained encoder on the evaluation data;
+/// `None` when the job is cancelled meanwhile (only a cancel interrupts it: a
+/// release would send the job back to retrain from a checkpoint).
+fn evaluate_trained_encoder(
+    ctx: &TrainingContext,
+    model: &PretextModel,
+    input: &InputSpec,
+    evaluation: &EvaluationData,
+) -> anyhow::Result<Option<EvaluationReport>> {
+    let cancelled = || ctx.stop.requested() == Some(StopReason::Cancel);
+    evaluate_frozen(
+        &model.trunk,
+        input,
+        ctx.device,
+        evaluation,
+        FrozenProtocols::KnnAndLinear,
+        &cancelled,
+    )
 }
 
 /// The network being pretrained: the trunk that becomes the encoder, and the
