@@ -13,7 +13,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
 export SQLX_OFFLINE := true
 SQLX_CLI_VERSION := 0.8.6
 
-.PHONY: setup build run test lint check-postgres check-sqlx sqlx-prepare sqlx-setup browser-setup bench-train bench-setup
+.PHONY: setup build run test lint check-postgres check-sqlx sqlx-prepare sqlx-setup browser-setup bench-train bench-setup bench-labels
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -44,6 +44,14 @@ run: build check-postgres
 ## bench-train: training throughput of the release server against a PyTorch script (CPU)
 bench-train: build check-postgres
 	python3 bench/train_throughput/run.py
+
+PRETEXT_URL ?= http://127.0.0.1:8080
+BENCH_LABELS_ARGS ?=
+
+## bench-labels: label efficiency of the pretext tasks on Fashion-MNIST against a running server (PRETEXT_URL, default http://127.0.0.1:8080; API key from PRETEXT_API_KEY), results in bench/results/label_efficiency_cpu.*; BENCH_LABELS_ARGS adds options
+bench-labels: setup
+	$(VENV)/bin/python bench/label_efficiency/run.py --name label_efficiency_cpu \
+		--url "$(PRETEXT_URL)" $(BENCH_LABELS_ARGS)
 
 ## lint: formatting, clippy, no import cycle among src/ modules, and a build from exactly what docker/Dockerfile copies
 lint: setup
