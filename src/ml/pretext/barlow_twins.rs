@@ -54,7 +54,8 @@ impl BarlowTwinsConfigRequest {
     /// crops and colour jitter, as for SimCLR) and validates.
     pub fn resolve(self, image_size: i64) -> Result<BarlowTwinsConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let small = image_size <= 64;
+        let views =
+            ViewAugmentation::resolve(&mut c, (self.min_crop_scale, self.color_jitter), image_size);
         let config = BarlowTwinsConfig {
             redundancy_weight: c.float(
                 "redundancy_weight",
@@ -65,22 +66,8 @@ impl BarlowTwinsConfigRequest {
                 false,
             ),
             projector_dim: c.int("projector_dim", self.projector_dim, 2048, 8, 16384),
-            min_crop_scale: c.float(
-                "min_crop_scale",
-                self.min_crop_scale,
-                if small { 0.2 } else { 0.08 },
-                0.0,
-                1.0,
-                true,
-            ),
-            color_jitter: c.float(
-                "color_jitter",
-                self.color_jitter,
-                if small { 0.4 } else { 0.8 },
-                0.0,
-                2.0,
-                false,
-            ),
+            min_crop_scale: views.min_crop_scale,
+            color_jitter: views.color_jitter,
         };
         c.finish(config)
     }
@@ -89,11 +76,7 @@ impl BarlowTwinsConfigRequest {
 impl BarlowTwinsConfig {
     /// How views are drawn.
     pub fn augmentation(&self) -> ViewAugmentation {
-        ViewAugmentation {
-            min_crop_scale: self.min_crop_scale,
-            color_jitter: self.color_jitter,
-            blur_from_size: 64,
-        }
+        ViewAugmentation::new(self.min_crop_scale, self.color_jitter)
     }
 }
 

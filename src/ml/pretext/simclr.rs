@@ -53,26 +53,13 @@ impl SimclrConfigRequest {
     /// crops and colour jitter) and validates.
     pub fn resolve(self, image_size: i64) -> Result<SimclrConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let small = image_size <= 64;
+        let views =
+            ViewAugmentation::resolve(&mut c, (self.min_crop_scale, self.color_jitter), image_size);
         let config = SimclrConfig {
             temperature: c.float("temperature", self.temperature, 0.5, 0.0, 10.0, true),
             projection_dim: c.int("projection_dim", self.projection_dim, 128, 8, 4096),
-            min_crop_scale: c.float(
-                "min_crop_scale",
-                self.min_crop_scale,
-                if small { 0.2 } else { 0.08 },
-                0.0,
-                1.0,
-                true,
-            ),
-            color_jitter: c.float(
-                "color_jitter",
-                self.color_jitter,
-                if small { 0.4 } else { 0.8 },
-                0.0,
-                2.0,
-                false,
-            ),
+            min_crop_scale: views.min_crop_scale,
+            color_jitter: views.color_jitter,
         };
         c.finish(config)
     }
@@ -81,11 +68,7 @@ impl SimclrConfigRequest {
 impl SimclrConfig {
     /// How views are drawn.
     pub fn augmentation(&self) -> ViewAugmentation {
-        ViewAugmentation {
-            min_crop_scale: self.min_crop_scale,
-            color_jitter: self.color_jitter,
-            blur_from_size: 64,
-        }
+        ViewAugmentation::new(self.min_crop_scale, self.color_jitter)
     }
 }
 
@@ -96,6 +79,45 @@ pub struct ViewAugmentation {
     pub color_jitter: f64,
     /// Blur is applied only to images at least this large.
     pub blur_from_size: i64,
+}
+
+impl ViewAugmentation {
+    /// Views with these crops and colour jitter, blurred from 64 px up.
+    pub fn new(min_crop_scale: f64, color_jitter: f64) -> Self {
+        Self {
+            min_crop_scale,
+            color_jitter,
+            blur_from_size: 64,
+        }
+    }
+
+    /// The view settings of a two-view task as sent, with the defaults for
+    /// `image_size` pixels: small images get milder crops and colour jitter.
+    pub fn resolve(
+        c: &mut FieldChecker,
+        (min_crop_scale, color_jitter): (Option<f64>, Option<f64>),
+        image_size: i64,
+    ) -> Self {
+        let small = image_size <= 64;
+        Self::new(
+            c.float(
+                "min_crop_scale",
+                min_crop_scale,
+                if small { 0.2 } else { 0.08 },
+                0.0,
+                1.0,
+                true,
+            ),
+            c.float(
+                "color_jitter",
+                color_jitter,
+                if small { 0.4 } else { 0.8 },
+                0.0,
+                2.0,
+                false,
+            ),
+        )
+    }
 }
 
 /// The projection MLP: Linear, ReLU, Linear.

@@ -64,7 +64,8 @@ impl VicregConfigRequest {
     /// crops and colour jitter, as for SimCLR) and validates.
     pub fn resolve(self, image_size: i64) -> Result<VicregConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let small = image_size <= 64;
+        let views =
+            ViewAugmentation::resolve(&mut c, (self.min_crop_scale, self.color_jitter), image_size);
         let weight = |c: &mut FieldChecker, field, value, default| {
             c.float(field, value, default, 0.0, 1000.0, false)
         };
@@ -73,22 +74,8 @@ impl VicregConfigRequest {
             variance_weight: weight(&mut c, "variance_weight", self.variance_weight, 25.0),
             covariance_weight: weight(&mut c, "covariance_weight", self.covariance_weight, 1.0),
             expander_dim: c.int("expander_dim", self.expander_dim, 2048, 8, 16384),
-            min_crop_scale: c.float(
-                "min_crop_scale",
-                self.min_crop_scale,
-                if small { 0.2 } else { 0.08 },
-                0.0,
-                1.0,
-                true,
-            ),
-            color_jitter: c.float(
-                "color_jitter",
-                self.color_jitter,
-                if small { 0.4 } else { 0.8 },
-                0.0,
-                2.0,
-                false,
-            ),
+            min_crop_scale: views.min_crop_scale,
+            color_jitter: views.color_jitter,
         };
         c.finish(config)
     }
@@ -97,11 +84,7 @@ impl VicregConfigRequest {
 impl VicregConfig {
     /// How views are drawn.
     pub fn augmentation(&self) -> ViewAugmentation {
-        ViewAugmentation {
-            min_crop_scale: self.min_crop_scale,
-            color_jitter: self.color_jitter,
-            blur_from_size: 64,
-        }
+        ViewAugmentation::new(self.min_crop_scale, self.color_jitter)
     }
 
     /// The loss's three weights.
