@@ -678,6 +678,9 @@ class TaskRun:
         self.label_efficiency = None
         self.knn = {}
         self.wall_seconds = None
+        # `pretext ceiling` of the resolved pretrain config, measured with
+        # the server idle (see measure_ceiling).
+        self.ceiling = None
 
     def jobs(self):
         return [j for j in (self.pretrain, self.label_efficiency, *self.knn.values()) if j]
@@ -741,10 +744,15 @@ class TaskRun:
         knn = {key: wall_seconds(job.server) for key, job in self.knn.items()}
         measured = [v for v in knn.values() if v is not None]
         series = (pretrain.series.get("images_per_second") if pretrain else None) or {}
+        ceiling = (self.ceiling or {}).get("images_per_second")
+        rate = series.get("mean")
         return {
             "pretrain_wall_seconds": wall_seconds(pretrain.server) if pretrain else None,
-            "pretrain_images_per_second_mean": series.get("mean"),
+            "pretrain_images_per_second_mean": rate,
             "pretrain_images_per_second_points": series.get("points"),
+            "ceiling_images_per_second": ceiling,
+            "ceiling": self.ceiling,
+            "ratio_to_ceiling": round(rate / ceiling, 4) if rate and ceiling else None,
             "label_efficiency_wall_seconds": (
                 wall_seconds(self.label_efficiency.server) if self.label_efficiency else None
             ),
@@ -786,6 +794,8 @@ def run_task(run, args, jobs, datasets):
     jobs.wait([run.pretrain])
     jobs.fetch_series(run.pretrain, "images_per_second")
     if run.pretrain.succeeded:
+        # Before the evaluations start, so the ceiling has the machine alone.
+        run.ceiling = measure_ceiling(args.ceiling_binary, run.pretrain.server["config"])
         encoder = run.pretrain.server["model_id"]
         test_id = datasets["test"]["id"]
         le_config = {
@@ -823,6 +833,29 @@ def run_task(run, args, jobs, datasets):
         run.note = "pretraining did not succeed, so nothing was evaluated"
     run.wall_seconds = round(time.monotonic() - started, 3)
     log(f"[{run.task}] {run.status} in {run.wall_seconds:.1f} s")
+
+
+def measure_ceiling(binary, resolved_config):
+    """The compute ceiling of a pretrain config on this machine: `pretext
+    ceiling` times the same network's forward, backward and optimizer step
+    on one synthetic batch in memory. `None` (with a note) without a binary;
+    the server must run on this machine for the ratio to mean anything."""
+    if not binary:
+        return None
+    if not os.path.exists(binary):
+        log(f"no pretext binary at {binary}: the compute ceiling is not measured")
+        return None
+    config = {k: v for k, v in resolved_config.items() if v is not None}
+    command = [binary, "ceiling", "--config", json.dumps(config), "--image-side", "28",
+               "--channels", "1", "--warmup", "3", "--steps", "20"]
+    try:
+        out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+        ceiling = json.loads(out.stdout.strip().splitlines()[-1])
+        log(f"ceiling of {config.get('pretext')}: {ceiling['images_per_second']:.1f} images/s")
+        return ceiling
+    except (subprocess.SubprocessError, ValueError, IndexError) as error:
+        log(f"the compute ceiling could not be measured: {error}")
+        return None
 
 
 def pretrain_config(args, task):
@@ -1149,9 +1182,15 @@ def markdown(args, record, runs, plan, png):
         "(`GET /v1/jobs/{id}/metrics?name=images_per_second`). A task's evaluate jobs are "
         "submitted together, so with several workers their times overlap.",
         "",
-        "| task | pretraining (s) | pretraining images/s | label-efficiency evaluation, "
-        "fine-tuning included (s) | kNN evaluations (s, sum) | task, client-side (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "The ceiling is `pretext ceiling` on the job's resolved config: the same network's "
+        "forward pass, backward pass and optimizer step on one synthetic batch already in "
+        "memory, timed in-process on this machine right after the pretraining, before the "
+        "evaluations start; the ratio is the job's images/s over it.",
+        "",
+        "| task | pretraining (s) | pretraining images/s | ceiling images/s | ratio | "
+        "label-efficiency evaluation, fine-tuning included (s) | kNN evaluations (s, sum) | "
+        "task, client-side (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         timing = run.timing()
@@ -1159,8 +1198,12 @@ def markdown(args, record, runs, plan, png):
         rate_text = "–" if rate is None else (
             f"{rate:.1f} (mean of {timing['pretrain_images_per_second_points']})"
         )
+        ceiling = timing["ceiling_images_per_second"]
+        ratio = timing["ratio_to_ceiling"]
         lines.append(
             f"| {run.task} | {fmt_seconds(timing['pretrain_wall_seconds'])} | {rate_text} | "
+            f"{'–' if ceiling is None else f'{ceiling:.1f}'} | "
+            f"{'–' if ratio is None else f'{ratio:.2f}'} | "
             f"{fmt_seconds(timing['label_efficiency_wall_seconds'])} | "
             f"{fmt_seconds(timing['knn_wall_seconds_total'])} | "
             f"{fmt_seconds(timing['task_wall_seconds'])} |"
@@ -1397,6 +1440,10 @@ def parse_args():
     ap.add_argument("--name", default="label_efficiency",
                     help="file name of the results, without extension (default label_efficiency)")
     ap.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
+    ap.add_argument("--ceiling-binary",
+                    default=os.path.join(REPO_ROOT, "target", "release", "pretext"),
+                    help="the pretext binary whose `ceiling` command measures each task's compute "
+                         "ceiling on this machine ('' to skip; default target/release/pretext)")
     args = ap.parse_args()
 
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
