@@ -20,7 +20,7 @@ use super::training::{
     TrainingEvent, TrainingOutcome,
 };
 use super::transfer::{
-    choose_transfer, trunk_features, NeighbourBank, TransferModel, TransferSetup,
+    choose_transfer, trunk_features, NeighbourBank, TransferModel, TransferSetup, AUTO_FOLDS,
 };
 use crate::data::batches::epoch_order;
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
@@ -502,10 +502,9 @@ pub fn run_label_efficiency(
     let split = load_split(evaluation, &source.input)?;
     let subsets = label_budgets(&split, settings);
     let supervised = settings.supervised_settings();
-    let runs = 1 + settings.transfers.len() as i64;
     let planned: i64 = subsets
         .iter()
-        .map(|(_, subset)| runs * supervised.plan(subset.len()).total_steps)
+        .map(|(_, subset)| planned_steps(&supervised, &settings.transfers, subset.len()))
         .sum();
     ctx.emit(TrainingEvent::Plan {
         epochs: settings.epochs,
@@ -574,6 +573,21 @@ pub fn run_label_efficiency(
         test_images_seen_in_pretraining: false,
         note: None,
     }))
+}
+
+/// The steps one budget of `images` labels costs: scratch, then each method
+/// (kNN one pass, `auto` its cross-validation and a final fit).
+fn planned_steps(supervised: &SupervisedSettings, transfers: &[Transfer], images: usize) -> i64 {
+    let steps = supervised.plan(images).total_steps;
+    let method_steps = |method: Transfer| match method {
+        Transfer::Knn => 1,
+        Transfer::Auto => {
+            let fold = supervised.plan(images - images / AUTO_FOLDS).total_steps;
+            AUTO_FOLDS as i64 * (1 + 2 * fold) + steps
+        }
+        _ => steps,
+    };
+    steps + transfers.iter().map(|&m| method_steps(m)).sum::<i64>()
 }
 
 fn stopped(ctx: &TrainingContext) -> TrainingOutcome {
