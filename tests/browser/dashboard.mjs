@@ -22,7 +22,7 @@ if (!baseUrl || !dir || !API_KEY) {
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const JOB_TIMEOUT_MS = 240_000;
-const FINETUNE_CONFIG = { transfer: "fine_tune", epochs: 15, batch_size: 16, learning_rate: 0.003, val_fraction: 0.2 };
+const FINETUNE_CONFIG = { transfer: "fine_tune", epochs: 15, min_steps: 60, batch_size: 16, learning_rate: 0.003, val_fraction: 0.2 };
 
 function check(condition, message) {
   if (!condition) throw new Error(message);
