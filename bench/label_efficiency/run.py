@@ -117,12 +117,14 @@ FINETUNE_FIELDS = (
 )
 # Transfer methods of a label_efficiency evaluation (`config.transfers`);
 # `auto` chooses one of the other three by cross-validation.
-TRANSFERS = ["fine_tune", "linear_probe", "knn", "auto"]
+TRANSFERS = ["fine_tune", "linear_probe", "knn", "auto", "self_training"]
 DEFAULT_TRANSFERS = ",".join(TRANSFERS)
 # The service's kNN vote: votes weighted exp(similarity / temperature)
 # (`knn_temperature`, default 0.07), queries scored 1024 at a time.
 KNN_TEMPERATURE = 0.07
 VOTE_CHUNK = 1024
+# How long the server may refuse connections (a restart) before the run gives up.
+UNREACHABLE_GRACE_SECONDS = 300.0
 # Accuracy targets stated as met or missed in the results.
 TARGET_BEST_10 = 0.80        # (a) best transfer at 10 labels per class
 TARGET_GAIN_POINTS = 3.0     # (b) every task over scratch at 10 per class, in points
@@ -403,7 +405,9 @@ class Client:
             headers["Authorization"] = f"Bearer {self.api_key}"
         if content_type:
             headers["Content-Type"] = content_type
-        for attempt in range(retries_503 + 1):
+        unreachable_since = None
+        attempt = 0
+        while attempt <= retries_503:
             req = urllib.request.Request(url, data=body, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -412,6 +416,7 @@ class Client:
             except urllib.error.HTTPError as e:
                 text = e.read().decode("utf-8", "replace")
                 if e.code == 503 and attempt < retries_503:
+                    attempt += 1
                     wait = e.headers.get("Retry-After", "1")
                     try:
                         wait = max(1.0, float(wait))
@@ -421,8 +426,16 @@ class Client:
                     continue
                 raise ApiError(method, url, e.code, text, e.headers) from None
             except urllib.error.URLError as e:
+                # A restarting server refuses connections for a while; its
+                # jobs resume from their checkpoints.
+                # Only a refused connection is retried: the request never arrived.
+                unreachable_since = unreachable_since or time.monotonic()
+                refused = isinstance(e.reason, ConnectionRefusedError)
+                if refused and time.monotonic() - unreachable_since < UNREACHABLE_GRACE_SECONDS:
+                    time.sleep(2.0)
+                    continue
                 raise SystemExit(f"error: cannot reach {url}: {e.reason}") from None
-        raise AssertionError("unreachable")
+        raise SystemExit(f"error: {url} kept answering 503")
 
     def get(self, path):
         return self.request("GET", path)
@@ -717,6 +730,12 @@ class TaskRun:
                 }
             row["transfers"] = methods
             row["auto_choice"] = measured.get("auto_choice")
+            if "self_training" in self.transfers:
+                row["self_training"] = {
+                    "teacher": measured.get("self_training_teacher"),
+                    "pseudo_labels": measured.get("pseudo_labels"),
+                    "pseudo_label_agreement": measured.get("pseudo_label_agreement"),
+                }
             best = None
             for method, value in methods.items():
                 if value["accuracy"] is not None and (
@@ -885,6 +904,15 @@ def nproc():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count()
+
+
+def self_training_note(row):
+    """Self-training's teacher, pseudo-label count and their agreement with
+    the hidden labels (a description; nothing is chosen by it)."""
+    st = row["self_training"]
+    agreement = st.get("pseudo_label_agreement")
+    return (f"{row['budget']}: {st.get('teacher') or '?'}, {st.get('pseudo_labels') or 0} "
+            f"pseudo-labels, {pct(agreement)} correct")
 
 
 def pct(x):
@@ -1106,9 +1134,9 @@ def markdown(args, record, runs, plan, png):
     cols = ["pretext task", "transfer"]
     for b in plan:
         cols += [f"{b['budget']}: accuracy", f"{b['budget']}: gain (points)"]
-    has_auto = "auto" in args.transfers
+    has_auto = bool({"auto", "self_training"} & set(args.transfers))
     if has_auto:
-        cols.append("auto's choice")
+        cols.append("auto's choice; self-training's teacher and pseudo-labels")
     numeric = len(cols) - 2 - (1 if has_auto else 0)
     lines += ["| " + " | ".join(cols) + " |",
               "|---|---|" + "---:|" * numeric + ("---|" if has_auto else "")]
@@ -1131,6 +1159,8 @@ def markdown(args, record, runs, plan, png):
             if has_auto:
                 choices = [f"{row['budget']}: {row['auto_choice']}" for row in rows
                            if method == "auto" and row.get("auto_choice")]
+                if method == "self_training":
+                    choices = [self_training_note(row) for row in rows if row.get("self_training")]
                 cells.append("; ".join(choices))
             lines.append("| " + " | ".join(cells) + " |")
     cells = [raw_row, f"kNN, k = {raw.get('k', args.knn_k)}"]

@@ -23,6 +23,7 @@ use crate::jobs::config::{
 };
 use crate::jobs::spec::JobSpec;
 use crate::ml::backbone::Backbone;
+use crate::ml::classifier::Transfer;
 use crate::validation::parse_config_object;
 
 /// Body of `POST /v1/jobs`.
@@ -115,7 +116,9 @@ async fn pretrain_config(
     Ok(JobSpec::Pretrain(config))
 }
 
-fn finetune_config(
+async fn finetune_config(
+    state: &AppState,
+    tenant: &Tenant,
     dataset: &Dataset,
     base: Option<&Model>,
     config: Option<serde_json::Value>,
@@ -134,9 +137,28 @@ fn finetune_config(
         median_side: dataset.median_side as u32,
         base: base_spec,
     };
-    let config = parse_config::<FinetuneConfigRequest>(config)?
+    let mut config = parse_config::<FinetuneConfigRequest>(config)?
         .resolve(from)
         .map_err(ApiError::fields)?;
+    match config.unlabelled_dataset_id {
+        Some(id) => {
+            get_dataset(&state.pool, tenant.id, id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "no dataset with id {id} (config.unlabelled_dataset_id)"
+                    ))
+                })?;
+        }
+        // Self-training learns from the images the encoder was pretrained
+        // on unless told otherwise; the stored config names them.
+        None if config.transfer == Transfer::SelfTraining => {
+            config.unlabelled_dataset_id = base
+                .and_then(|model| model.dataset_id)
+                .filter(|&id| id != dataset.id);
+        }
+        None => {}
+    }
     Ok(JobSpec::Finetune(config))
 }
 
@@ -219,7 +241,9 @@ pub async fn create(
         JobKind::Pretrain => {
             pretrain_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
         }
-        JobKind::Finetune => finetune_config(&dataset, base.as_ref(), request.config)?,
+        JobKind::Finetune => {
+            finetune_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
+        }
         JobKind::Evaluate => {
             evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
         }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ml::backbone::Backbone;
-use crate::ml::classifier::{NeighbourVote, Transfer};
+use crate::ml::classifier::{NeighbourVote, PseudoLabelling, Transfer};
 use crate::ml::pretext::PretextConfig;
 use crate::validation::{FieldChecker, FieldError};
 
@@ -217,7 +217,7 @@ fn resolve_transfer(
         (None, None) if from.base.is_some() => Transfer::Auto,
         (None, None) => Transfer::FineTune,
     };
-    if from.base.is_none() && method != Transfer::FineTune && method != Transfer::Auto {
+    if from.base.is_none() && matches!(method, Transfer::LinearProbe | Transfer::Knn) {
         let field = if from_transfer.is_some() {
             "transfer"
         } else {
@@ -281,6 +281,10 @@ pub struct FinetuneConfigRequest {
     pub seed: Option<i64>,
     pub checkpoint_interval_secs: Option<i64>,
     pub max_steps: Option<i64>,
+    pub unlabelled_dataset_id: Option<uuid::Uuid>,
+    pub pseudo_labels_per_class: Option<i64>,
+    pub pseudo_label_threshold: Option<f64>,
+    pub max_unlabelled: Option<i64>,
 }
 
 /// A finetune job's configuration, every default filled in.
@@ -311,6 +315,13 @@ pub struct FinetuneConfig {
     pub seed: i64,
     pub checkpoint_interval_secs: i64,
     pub max_steps: Option<i64>,
+    /// Self-training's unlabelled images besides the labelled dataset's
+    /// unused ones (by default the base model's pretraining dataset).
+    #[serde(default)]
+    pub unlabelled_dataset_id: Option<uuid::Uuid>,
+    /// Self-training's choice of pseudo-labels (at the top level of the JSON).
+    #[serde(flatten)]
+    pub pseudo: PseudoLabelling,
 }
 
 impl FinetuneConfigRequest {
@@ -371,6 +382,12 @@ impl FinetuneConfigRequest {
             .map(|v| c.int("max_steps", Some(v), 1, 1, i64::MAX));
         let vote = resolve_vote(&mut c, self.k, self.knn_temperature);
         let min_steps = c.int("min_steps", self.min_steps, DEFAULT_MIN_STEPS, 0, 1_000_000);
+        let pseudo = resolve_pseudo_labelling(
+            &mut c,
+            self.pseudo_labels_per_class,
+            self.pseudo_label_threshold,
+            self.max_unlabelled,
+        );
         c.finish(FinetuneConfig {
             backbone,
             image_size,
@@ -389,7 +406,43 @@ impl FinetuneConfigRequest {
             seed,
             checkpoint_interval_secs,
             max_steps,
+            unlabelled_dataset_id: self.unlabelled_dataset_id,
+            pseudo,
         })
+    }
+}
+
+/// Self-training's pseudo-label settings, with their defaults.
+fn resolve_pseudo_labelling(
+    c: &mut FieldChecker,
+    per_class: Option<i64>,
+    threshold: Option<f64>,
+    max_unlabelled: Option<i64>,
+) -> PseudoLabelling {
+    let defaults = PseudoLabelling::default();
+    PseudoLabelling {
+        per_class: c.int(
+            "pseudo_labels_per_class",
+            per_class,
+            defaults.per_class,
+            0,
+            100_000,
+        ),
+        threshold: c.float(
+            "pseudo_label_threshold",
+            threshold,
+            defaults.threshold,
+            0.0,
+            1.0,
+            false,
+        ),
+        max_unlabelled: c.int(
+            "max_unlabelled",
+            max_unlabelled,
+            defaults.max_unlabelled,
+            1,
+            1_000_000,
+        ),
     }
 }
 
@@ -504,6 +557,9 @@ pub struct EvaluateConfigRequest {
     pub trunk_lr_scale: Option<f64>,
     pub weight_decay: Option<f64>,
     pub seed: Option<i64>,
+    pub pseudo_labels_per_class: Option<i64>,
+    pub pseudo_label_threshold: Option<f64>,
+    pub max_unlabelled: Option<i64>,
 }
 
 /// An evaluate job's configuration, every default filled in.
@@ -533,6 +589,10 @@ pub struct EvaluateConfig {
     pub trunk_lr_scale: f64,
     pub weight_decay: f64,
     pub seed: i64,
+    /// Self-training's choice of pseudo-labels among the training images
+    /// left out of a budget (at the top level of the JSON).
+    #[serde(flatten)]
+    pub pseudo: PseudoLabelling,
 }
 
 impl EvaluateConfigRequest {
@@ -581,6 +641,12 @@ impl EvaluateConfigRequest {
         );
         let seed = c.int("seed", self.seed, 0, 0, i64::MAX);
         let min_steps = c.int("min_steps", self.min_steps, DEFAULT_MIN_STEPS, 0, 1_000_000);
+        let pseudo = resolve_pseudo_labelling(
+            &mut c,
+            self.pseudo_labels_per_class,
+            self.pseudo_label_threshold,
+            self.max_unlabelled,
+        );
         c.finish(EvaluateConfig {
             protocol,
             test_dataset_id: self.test_dataset_id,
@@ -596,6 +662,7 @@ impl EvaluateConfigRequest {
             trunk_lr_scale,
             weight_decay,
             seed,
+            pseudo,
         })
     }
 }
@@ -778,5 +845,37 @@ mod tests {
         assert_eq!(read.transfer, Transfer::LinearProbe);
         assert_eq!(read.min_steps, 0);
         assert_eq!(read.vote.k, FrozenProbeSettings::default().k);
+    }
+
+    #[test]
+    fn self_training_settings_have_defaults_and_bounds_and_older_configs_read_them() {
+        let config = finetune(serde_json::json!({"transfer": "self_training"}), None).unwrap();
+        assert_eq!(config.transfer, Transfer::SelfTraining);
+        assert_eq!(config.pseudo, PseudoLabelling::default());
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["pseudo_labels_per_class"], 200);
+        assert_eq!(json["pseudo_label_threshold"], 0.5);
+        let errors = finetune(
+            serde_json::json!({"pseudo_label_threshold": 1.5, "max_unlabelled": 0}),
+            None,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["config.pseudo_label_threshold", "config.max_unlabelled"]
+        );
+        let mut stored = json;
+        for field in [
+            "pseudo_labels_per_class",
+            "pseudo_label_threshold",
+            "max_unlabelled",
+            "unlabelled_dataset_id",
+        ] {
+            stored.as_object_mut().unwrap().remove(field);
+        }
+        let read: FinetuneConfig = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.pseudo, PseudoLabelling::default());
+        assert_eq!(read.unlabelled_dataset_id, None);
     }
 }

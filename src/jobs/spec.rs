@@ -73,7 +73,7 @@ impl JobSpec {
     pub fn other_dataset(&self) -> Option<Uuid> {
         match self {
             JobSpec::Pretrain(config) => config.eval_dataset_id,
-            JobSpec::Finetune(_) => None,
+            JobSpec::Finetune(config) => config.unlabelled_dataset_id,
             JobSpec::Evaluate(config) => config.test_dataset_id,
         }
     }

@@ -34,7 +34,7 @@ use crate::ml::description::{
 };
 use crate::ml::device::device_name;
 use crate::ml::evaluate::{run_evaluation, EncoderSource, EvaluationData};
-use crate::ml::finetune::{run_finetune, BaseEncoder};
+use crate::ml::finetune::{run_finetune, BaseEncoder, FinetuneDatasets};
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
     is_permanent, EvaluationReport, ModelArtifact, PermanentError, StopReason, StopSignal,
@@ -84,6 +84,8 @@ struct Assignment {
     channels: u8,
     ctx: TrainingContext,
     dataset_dir: PathBuf,
+    /// A finetune job's dataset of unlabelled images for self-training.
+    unlabelled_dir: Option<PathBuf>,
     /// The base model's backbone, weights and input, for jobs that start from one.
     base: Option<(Model, PathBuf)>,
     evaluation: Option<EvaluationData>,
@@ -133,13 +135,12 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                 weights,
                 input: model.input.0.clone(),
             });
-            run_finetune(
-                ctx,
-                config,
-                &assignment.dataset_dir,
-                assignment.channels,
-                base,
-            )
+            let datasets = FinetuneDatasets {
+                labelled: &assignment.dataset_dir,
+                channels: assignment.channels,
+                unlabelled: assignment.unlabelled_dir.as_deref(),
+            };
+            run_finetune(ctx, config, &datasets, base)
         }
         JobSpec::Evaluate(config) => {
             let (model, weights) =
@@ -338,6 +339,12 @@ impl Worker {
                 max_image_pixels: self.settings.max_image_pixels,
             },
             dataset_dir: self.storage.dataset_dir(prepared.dataset.id),
+            unlabelled_dir: match &prepared.spec {
+                JobSpec::Finetune(config) => config
+                    .unlabelled_dataset_id
+                    .map(|id| self.storage.dataset_dir(id)),
+                _ => None,
+            },
             channels: prepared.dataset.channels as u8,
             base: prepared.base.map(|model| {
                 let weights = self.storage.model_weights(model.id);

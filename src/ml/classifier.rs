@@ -37,11 +37,15 @@ pub enum Transfer {
     LinearProbe,
     Knn,
     Auto,
+    /// `auto`'s choice teaches: it labels the unlabelled images it is
+    /// surest of, and a fine-tuned student learns from both.
+    SelfTraining,
 }
 
 impl Transfer {
     /// Every method's API name, for validation messages.
-    pub const ALL: [&'static str; 4] = ["fine_tune", "linear_probe", "knn", "auto"];
+    pub const ALL: [&'static str; 5] =
+        ["fine_tune", "linear_probe", "knn", "auto", "self_training"];
     /// The methods `auto` chooses among, cheapest first (ties go to the cheaper).
     pub const CANDIDATES: [Transfer; 3] =
         [Transfer::Knn, Transfer::LinearProbe, Transfer::FineTune];
@@ -53,6 +57,7 @@ impl Transfer {
             Transfer::LinearProbe => "linear_probe",
             Transfer::Knn => "knn",
             Transfer::Auto => "auto",
+            Transfer::SelfTraining => "self_training",
         }
     }
 
@@ -63,13 +68,43 @@ impl Transfer {
             "linear_probe" => Some(Transfer::LinearProbe),
             "knn" => Some(Transfer::Knn),
             "auto" => Some(Transfer::Auto),
+            "self_training" => Some(Transfer::SelfTraining),
             _ => None,
         }
     }
 
     /// Whether the method trains with the supervised loop.
     pub fn trains(self) -> bool {
-        matches!(self, Transfer::FineTune | Transfer::LinearProbe)
+        matches!(
+            self,
+            Transfer::FineTune | Transfer::LinearProbe | Transfer::SelfTraining
+        )
+    }
+}
+
+/// Which unlabelled images self-training's teacher labels (named as in the
+/// API; [`Default`] holds the documented defaults, also for configs stored
+/// before self-training existed).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PseudoLabelling {
+    /// Most pseudo-labels per class: the teacher's surest predictions of it.
+    #[serde(rename = "pseudo_labels_per_class")]
+    pub per_class: i64,
+    /// Least teacher confidence (probability of its class) a pseudo-label needs.
+    #[serde(rename = "pseudo_label_threshold")]
+    pub threshold: f64,
+    /// Most unlabelled images the teacher looks at (a seeded sample).
+    pub max_unlabelled: i64,
+}
+
+impl Default for PseudoLabelling {
+    fn default() -> Self {
+        Self {
+            per_class: 200,
+            threshold: 0.5,
+            max_unlabelled: 20_000,
+        }
     }
 }
 

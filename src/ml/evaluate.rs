@@ -3,7 +3,7 @@
 //! protocol (fine-tune from the pretrained encoder and from scratch on the
 //! same label budgets, same seeds, same epochs, and report the gain).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,6 +14,7 @@ use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
 use super::classifier::{is_trunk_variable, NeighbourVote, Transfer};
 use super::optimizer::AdamW;
+use super::self_training::{student_set_size, teach, PseudoLabels};
 use super::supervised::SupervisedSettings;
 use super::training::{
     cosine_learning_rate, EvaluationReport, InputSpec, PermanentError, StopReason, TrainingContext,
@@ -421,10 +422,27 @@ pub fn load_trunk(
     Ok((vs, trunk))
 }
 
+/// What one budget's runs share: the steps done so far (for progress) and
+/// `auto`'s choice, made once and reused by self-training's teacher.
+#[derive(Default)]
+struct BudgetRuns {
+    steps_done: i64,
+    auto_choice: Option<Transfer>,
+}
+
+/// One classifier's test accuracy and how it was made.
+struct TestedFit {
+    accuracy: f64,
+    /// The method used (`auto`'s choice; self-training's teacher).
+    used: Transfer,
+    /// Self-training's pseudo-labels.
+    pseudo: Option<PseudoLabels>,
+}
+
 /// Makes one classifier from `train` (from the encoder by `method`, or from
-/// scratch by fine-tuning when `method` is `None`) and returns its test
-/// accuracy with the method used (`auto`'s choice), or `None` when the job
-/// was asked to stop.
+/// scratch by fine-tuning when `method` is `None`) and tests it, or `None`
+/// when the job was asked to stop. Self-training pseudo-labels the split's
+/// other training images, whose labels it never reads.
 fn fit_and_test(
     ctx: &TrainingContext,
     source: &EncoderSource,
@@ -432,8 +450,8 @@ fn fit_and_test(
     split: &LabelledSplit,
     train: &[usize],
     settings: &EvaluateConfig,
-    steps_done: &mut i64,
-) -> anyhow::Result<Option<(f64, Transfer)>> {
+    runs: &mut BudgetRuns,
+) -> anyhow::Result<Option<TestedFit>> {
     let supervised = settings.supervised_settings();
     let setup = TransferSetup {
         device: ctx.device,
@@ -447,23 +465,69 @@ fn fit_and_test(
             temperature: settings.probes.knn_temperature,
         },
     };
+    let steps_done = &mut runs.steps_done;
     let mut stop = || {
         *steps_done += 1;
         ctx.stop.requested()
     };
-    let method = match method.unwrap_or(Transfer::FineTune) {
-        Transfer::Auto => match choose_transfer(&setup, train, &mut stop)? {
-            Some(choice) => choice.method,
-            None => return Ok(None),
+    let requested = method.unwrap_or(Transfer::FineTune);
+    let method = match requested {
+        Transfer::Auto | Transfer::SelfTraining => match runs.auto_choice {
+            Some(choice) => choice,
+            None => match choose_transfer(&setup, train, &mut stop)? {
+                Some(choice) => *runs.auto_choice.insert(choice.method),
+                None => return Ok(None),
+            },
         },
         method => method,
     };
+    if requested == Transfer::SelfTraining {
+        let chosen: HashSet<usize> = train.iter().copied().collect();
+        let unlabelled: Vec<usize> = split
+            .train
+            .iter()
+            .copied()
+            .filter(|i| !chosen.contains(i))
+            .collect();
+        let Some(lesson) = teach(
+            &setup,
+            method,
+            train,
+            &unlabelled,
+            &settings.pseudo,
+            &mut stop,
+        )?
+        else {
+            return Ok(None);
+        };
+        let student_setup = TransferSetup {
+            data: &lesson.data,
+            ..setup
+        };
+        let mut student = TransferModel::new(&student_setup, Transfer::FineTune)?;
+        if student
+            .fit(&student_setup, &lesson.train, &mut stop)?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let accuracy = student.accuracy(&split.data, &split.test, &source.input, ctx.device);
+        return Ok(Some(TestedFit {
+            accuracy,
+            used: method,
+            pseudo: Some(lesson.pseudo),
+        }));
+    }
     let mut model = TransferModel::new(&setup, method)?;
     if model.fit(&setup, train, &mut stop)?.is_some() {
         return Ok(None);
     }
     let accuracy = model.accuracy(&split.data, &split.test, &source.input, ctx.device);
-    Ok(Some((accuracy, method)))
+    Ok(Some(TestedFit {
+        accuracy,
+        used: method,
+        pseudo: None,
+    }))
 }
 
 /// Every budget of the protocol with its name and the training images it
@@ -504,7 +568,12 @@ pub fn run_label_efficiency(
     let supervised = settings.supervised_settings();
     let planned: i64 = subsets
         .iter()
-        .map(|(_, subset)| planned_steps(&supervised, &settings.transfers, subset.len()))
+        .map(|(_, subset)| {
+            let classes = split.data.classes.len();
+            let unlabelled = split.train.len() - subset.len();
+            let student = most_student_images(settings, classes, subset.len(), unlabelled);
+            planned_steps(&supervised, &settings.transfers, subset.len(), student)
+        })
         .sum();
     ctx.emit(TrainingEvent::Plan {
         epochs: settings.epochs,
@@ -516,18 +585,16 @@ pub fn run_label_efficiency(
     let mut steps_done = 0i64;
     for (name, subset) in &subsets {
         let key = name.replace(' ', "_").replace('%', "pct");
-        let mut fit = |method| {
-            fit_and_test(
-                ctx,
-                source,
-                method,
-                &split,
-                subset,
-                settings,
-                &mut steps_done,
-            )
+        let mut runs = BudgetRuns {
+            steps_done,
+            auto_choice: None,
         };
-        let Some((scratch, _)) = fit(None)? else {
+        let mut fit =
+            |method| fit_and_test(ctx, source, method, &split, subset, settings, &mut runs);
+        let Some(TestedFit {
+            accuracy: scratch, ..
+        }) = fit(None)?
+        else {
             return Ok(stopped(ctx));
         };
         let mut row = serde_json::json!({
@@ -537,14 +604,30 @@ pub fn run_label_efficiency(
         });
         let mut metrics = vec![(format!("scratch_accuracy_{key}"), scratch)];
         for (i, &method) in settings.transfers.iter().enumerate() {
-            let Some((accuracy, used)) = fit(Some(method))? else {
+            let Some(TestedFit {
+                accuracy,
+                used,
+                pseudo,
+            }) = fit(Some(method))?
+            else {
                 return Ok(stopped(ctx));
             };
             let m = method.name();
             row[format!("{m}_accuracy")] = accuracy.into();
             row[format!("{m}_gain")] = (accuracy - scratch).into();
-            if method == Transfer::Auto {
-                row["auto_choice"] = used.name().into();
+            match method {
+                Transfer::Auto => row["auto_choice"] = used.name().into(),
+                Transfer::SelfTraining => {
+                    row["self_training_teacher"] = used.name().into();
+                    if let Some(pseudo) = pseudo {
+                        row["pseudo_labels"] = pseudo.images.len().into();
+                        // The hidden labels only describe the pseudo-labels;
+                        // nothing is chosen by them.
+                        row["pseudo_label_agreement"] =
+                            pseudo.agreement_with(&split.data.labels).into();
+                    }
+                }
+                _ => {}
             }
             if i == 0 {
                 row["pretrained_accuracy"] = accuracy.into();
@@ -556,6 +639,7 @@ pub fn run_label_efficiency(
                 metrics.push((format!("{m}_accuracy_{key}"), accuracy));
             }
         }
+        steps_done = runs.steps_done;
         ctx.emit(TrainingEvent::Report {
             epoch: settings.epochs,
             step: steps_done,
@@ -576,18 +660,45 @@ pub fn run_label_efficiency(
 }
 
 /// The steps one budget of `images` labels costs: scratch, then each method
-/// (kNN one pass, `auto` its cross-validation and a final fit).
-fn planned_steps(supervised: &SupervisedSettings, transfers: &[Transfer], images: usize) -> i64 {
+/// (kNN one pass, `auto` its cross-validation and a final fit,
+/// self-training the same cross-validation unless `auto` made it, a
+/// teacher and a student of at most `student_images` images).
+fn planned_steps(
+    supervised: &SupervisedSettings,
+    transfers: &[Transfer],
+    images: usize,
+    student_images: usize,
+) -> i64 {
     let steps = supervised.plan(images).total_steps;
+    let fold = supervised.plan(images - images / AUTO_FOLDS).total_steps;
+    let cross_validation = AUTO_FOLDS as i64 * (1 + 2 * fold);
     let method_steps = |method: Transfer| match method {
         Transfer::Knn => 1,
-        Transfer::Auto => {
-            let fold = supervised.plan(images - images / AUTO_FOLDS).total_steps;
-            AUTO_FOLDS as i64 * (1 + 2 * fold) + steps
+        Transfer::Auto => cross_validation + steps,
+        Transfer::SelfTraining => {
+            let student = supervised.plan(student_images).total_steps;
+            let shared = transfers.contains(&Transfer::Auto);
+            (if shared { 0 } else { cross_validation }) + steps + student
         }
         _ => steps,
     };
     steps + transfers.iter().map(|&m| method_steps(m)).sum::<i64>()
+}
+
+/// The most images self-training's student can train on with `labels`
+/// labels and `unlabelled` candidates.
+fn most_student_images(
+    settings: &EvaluateConfig,
+    classes: usize,
+    labels: usize,
+    unlabelled: usize,
+) -> usize {
+    let pseudo = settings.pseudo;
+    let candidates = unlabelled.min(pseudo.max_unlabelled.max(0) as usize);
+    student_set_size(
+        labels,
+        candidates.min(classes * pseudo.per_class.max(0) as usize),
+    )
 }
 
 fn stopped(ctx: &TrainingContext) -> TrainingOutcome {
@@ -614,6 +725,15 @@ fn label_efficiency_columns(transfers: &[Transfer]) -> Vec<String> {
     }
     if transfers.contains(&Transfer::Auto) {
         columns.push("auto_choice".to_string());
+    }
+    if transfers.contains(&Transfer::SelfTraining) {
+        for column in [
+            "self_training_teacher",
+            "pseudo_labels",
+            "pseudo_label_agreement",
+        ] {
+            columns.push(column.to_string());
+        }
     }
     columns
 }

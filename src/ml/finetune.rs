@@ -1,20 +1,22 @@
 //! Fine-tuning jobs: a classifier made from a pretrained encoder's trunk by
 //! the job's transfer method (fine-tuning, a linear probe, kNN, or `auto`'s
-//! choice among them), or trained from scratch (the baseline), on a
-//! stratified, possibly few-label subset of a labelled dataset. This module
+//! choice among them, or self-training, which also learns from unlabelled
+//! images), or trained from scratch (the baseline), on a stratified,
+//! possibly few-label subset of a labelled dataset. This module
 //! owns what a job adds to the methods: the validation split, metric
 //! reports, checkpoints and the model it keeps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use tch::nn;
+use tch::{nn, Tensor};
 
 use super::checkpoint::CheckpointSchedule;
 use super::classifier::Classifier;
 use super::classifier::Transfer;
 use super::optimizer::AdamW;
+use super::self_training::teach;
 use super::supervised::{
     evaluate_classifier, train_classifier, LabelledImages, StepDone, SupervisedSettings,
 };
@@ -36,23 +38,38 @@ pub struct BaseEncoder<'a> {
     pub input: InputSpec,
 }
 
-/// A labelled dataset split into the images trained on and those held out.
+/// A labelled dataset split into the images trained on and those held out,
+/// and the images self-training may pseudo-label.
 struct FinetuneData {
     data: ImageTensorSet,
     train: Vec<usize>,
     val: Vec<usize>,
+    /// Labelled images the budget left out (their labels unread) and the
+    /// unlabelled dataset's images; empty unless self-training.
+    unlabelled: Vec<usize>,
 }
 
-/// Runs (or resumes) a fine-tuning job on the labelled dataset in `dataset_dir`.
+/// Where a fine-tuning job's images are.
+pub struct FinetuneDatasets<'a> {
+    /// The labelled dataset (one folder per class).
+    pub labelled: &'a Path,
+    /// Its images' channels.
+    pub channels: u8,
+    /// Self-training's extra unlabelled images.
+    pub unlabelled: Option<&'a Path>,
+}
+
+/// Runs (or resumes) a fine-tuning job on the labelled dataset.
 pub fn run_finetune(
     ctx: &TrainingContext,
     config: &FinetuneConfig,
-    dataset_dir: &Path,
-    dataset_channels: u8,
+    datasets: &FinetuneDatasets,
     base: Option<BaseEncoder>,
 ) -> anyhow::Result<TrainingOutcome> {
-    let channels = base.as_ref().map_or(dataset_channels, |b| b.input.channels);
-    let split = load_finetune_data(ctx, config, dataset_dir, channels)?;
+    let channels = base
+        .as_ref()
+        .map_or(datasets.channels, |b| b.input.channels);
+    let split = load_finetune_data(ctx, config, datasets, channels)?;
     let input = input_spec(config, &split.data, channels, base.as_ref());
     let settings = config.supervised_settings();
     let setup = TransferSetup {
@@ -66,7 +83,7 @@ pub fn run_finetune(
     };
     let mut final_metrics = BTreeMap::new();
     let method = match config.transfer {
-        Transfer::Auto => {
+        Transfer::Auto | Transfer::SelfTraining => {
             let mut stop = || ctx.stop.requested();
             let Some(choice) = choose_transfer(&setup, &split.train, &mut stop)? else {
                 return Ok(stopped(ctx));
@@ -78,28 +95,46 @@ pub fn run_finetune(
         }
         method => method,
     };
-    let mut model = TransferModel::new(&setup, method)?;
-    if let TransferNetwork::Linear(classifier) = &model.network {
-        let trained = train_with_checkpoints(ctx, config, &setup, &model.vs, classifier, &split)?;
-        match trained {
-            Ok(held_out) => final_metrics.extend(held_out),
-            Err(reason) => return Ok(TrainingOutcome::Stopped(reason)),
-        }
+    let fitted = if config.transfer == Transfer::SelfTraining {
+        let mut stop = || ctx.stop.requested();
+        let Some(lesson) = teach(
+            &setup,
+            method,
+            &split.train,
+            &split.unlabelled,
+            &config.pseudo,
+            &mut stop,
+        )?
+        else {
+            return Ok(stopped(ctx));
+        };
+        final_metrics.insert("unlabelled_images".into(), split.unlabelled.len() as f64);
+        final_metrics.insert("pseudo_labels".into(), lesson.pseudo.images.len() as f64);
+        let confidence = lesson.pseudo.mean_confidence();
+        final_metrics.insert("pseudo_label_confidence".into(), confidence);
+        let student = FinetuneData {
+            data: lesson.data,
+            train: lesson.train,
+            val: split.val.clone(),
+            unlabelled: Vec::new(),
+        };
+        let student_setup = TransferSetup {
+            data: &student.data,
+            ..setup
+        };
+        fit_kept_model(ctx, config, &student_setup, &student, Transfer::FineTune)?
     } else {
-        ctx.emit(TrainingEvent::Plan {
-            epochs: 1,
-            steps: 1,
-            start_step: 0,
-        });
-        model.remember(&setup, &split.train);
-        let held_out = validate(ctx, &model, &split, &input);
-        final_metrics.extend(held_out.iter().cloned());
-        ctx.emit(TrainingEvent::Report {
-            epoch: 1,
-            step: 1,
-            metrics: held_out,
-        });
-    }
+        fit_kept_model(ctx, config, &setup, &split, method)?
+    };
+    let (model, held_out) = match fitted {
+        Ok(fitted) => fitted,
+        Err(reason) => return Ok(TrainingOutcome::Stopped(reason)),
+    };
+    final_metrics.extend(held_out);
+    let kept = match config.transfer {
+        Transfer::SelfTraining => Transfer::SelfTraining,
+        _ => method,
+    };
 
     model.save(&ctx.model_weights)?;
     final_metrics.insert("train_labels".to_string(), split.train.len() as f64);
@@ -114,9 +149,42 @@ pub fn run_finetune(
         metrics: final_metrics,
         pretext_config: None,
         report: None,
-        transfer: Some(method),
-        vote: (method == Transfer::Knn).then_some(config.vote),
+        transfer: Some(kept),
+        vote: (kept == Transfer::Knn).then_some(config.vote),
     })))
+}
+
+/// A fitted classifier and its last validation metrics.
+type KeptModel = (TransferModel, Vec<(String, f64)>);
+
+/// Fits the classifier the job keeps by `method` (never `auto`): trained
+/// with checkpoints, or a kNN memory; returns it with its last validation
+/// metrics, or why it stopped.
+fn fit_kept_model(
+    ctx: &TrainingContext,
+    config: &FinetuneConfig,
+    setup: &TransferSetup,
+    split: &FinetuneData,
+    method: Transfer,
+) -> anyhow::Result<Result<KeptModel, StopReason>> {
+    let mut model = TransferModel::new(setup, method)?;
+    if let TransferNetwork::Linear(classifier) = &model.network {
+        let trained = train_with_checkpoints(ctx, config, setup, &model.vs, classifier, split)?;
+        return Ok(trained.map(|held_out| (model, held_out)));
+    }
+    ctx.emit(TrainingEvent::Plan {
+        epochs: 1,
+        steps: 1,
+        start_step: 0,
+    });
+    model.remember(setup, &split.train);
+    let held_out = validate(ctx, &model, split, setup.input);
+    ctx.emit(TrainingEvent::Report {
+        epoch: 1,
+        step: 1,
+        metrics: held_out.clone(),
+    });
+    Ok(Ok((model, held_out)))
 }
 
 fn stopped(ctx: &TrainingContext) -> TrainingOutcome {
@@ -189,20 +257,17 @@ fn train_with_checkpoints(
 }
 
 /// Loads the labelled images, holds out the validation split and applies
-/// the label budget to the rest.
+/// the label budget to the rest; for self-training, also gathers the
+/// unlabelled images.
 fn load_finetune_data(
     ctx: &TrainingContext,
     config: &FinetuneConfig,
-    dataset_dir: &Path,
+    datasets: &FinetuneDatasets,
     channels: u8,
 ) -> anyhow::Result<FinetuneData> {
-    let data = load_image_set(
-        dataset_dir,
-        config.image_size as u32,
-        channels,
-        ctx.max_image_pixels,
-    )
-    .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
+    let size = config.image_size as u32;
+    let mut data = load_image_set(datasets.labelled, size, channels, ctx.max_image_pixels)
+        .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
     let num_classes = data.classes.len();
     if num_classes == 0 {
         return Err(PermanentError(
@@ -221,7 +286,37 @@ fn load_finetune_data(
     if train.is_empty() {
         return Err(PermanentError("no labelled image is left for training after the validation split; lower config.val_fraction".into()).into());
     }
-    Ok(FinetuneData { data, train, val })
+    let mut unlabelled = Vec::new();
+    if config.transfer == Transfer::SelfTraining {
+        let labelled: HashSet<usize> = train.iter().copied().collect();
+        unlabelled.extend(pool.iter().filter(|i| !labelled.contains(i)));
+        if let Some(dir) = datasets.unlabelled {
+            let extra = load_image_set(dir, size, channels, ctx.max_image_pixels).map_err(|e| {
+                PermanentError(format!(
+                    "the unlabelled dataset (config.unlabelled_dataset_id) could not be loaded: {e:#}"
+                ))
+            })?;
+            let first = data.len();
+            data.images = Tensor::cat(&[&data.images, &extra.images], 0);
+            data.labels.extend(std::iter::repeat_n(-1, extra.len()));
+            unlabelled.extend(first..data.len());
+        }
+        if unlabelled.is_empty() {
+            return Err(PermanentError(
+                "self-training found no unlabelled image: every labelled image is used as a label; \
+                 set config.unlabelled_dataset_id, lower config.labels_per_class, or start from a \
+                 base model pretrained on unlabelled images"
+                    .into(),
+            )
+            .into());
+        }
+    }
+    Ok(FinetuneData {
+        data,
+        train,
+        val,
+        unlabelled,
+    })
 }
 
 /// The base encoder's normalisation at the job's image size, or the

@@ -17,6 +17,7 @@ pub mod optimizer;
 pub mod prefetch;
 pub mod pretext;
 pub mod pretrain;
+pub mod self_training;
 pub mod supervised;
 pub mod training;
 pub mod transfer;

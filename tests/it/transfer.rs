@@ -1,5 +1,6 @@
 //! Transfer methods: an encoder becomes a classifier by fine-tuning, a
-//! linear probe, kNN, or `auto`'s cross-validated choice; each is served
+//! linear probe, kNN, `auto`'s cross-validated choice, or self-training
+//! on unlabelled images too; each is served
 //! like any classifier, says in its `model.json` how it was made, and is
 //! compared with training from scratch by the label-efficiency protocol. And
 //! the kNN monitor that follows an encoder while it pretrains.
@@ -139,7 +140,7 @@ async fn label_efficiency_compares_every_transfer_method_with_scratch() {
     let job = app
         .create_job(json!({"kind": "evaluate", "dataset_id": dataset_id, "base_model_id": encoder_id,
             "config": {"protocol": "label_efficiency", "labels_per_class": [4], "label_fractions": [],
-                       "transfers": ["linear_probe", "knn", "auto"], "k": 5,
+                       "transfers": ["linear_probe", "knn", "auto", "self_training"], "k": 5,
                        "epochs": 2, "min_steps": 20, "batch_size": 8}}))
         .await;
     let job = app.run_until_succeeded(job["id"].as_str().unwrap()).await;
@@ -155,6 +156,10 @@ async fn label_efficiency_compares_every_transfer_method_with_scratch() {
         "knn_gain",
         "auto_accuracy",
         "auto_choice",
+        "self_training_gain",
+        "self_training_teacher",
+        "pseudo_labels",
+        "pseudo_label_agreement",
     ] {
         assert!(
             columns.contains(&column),
@@ -163,7 +168,7 @@ async fn label_efficiency_compares_every_transfer_method_with_scratch() {
     }
     let row = &report["rows"][0];
     let scratch = row["scratch_accuracy"].as_f64().unwrap();
-    for method in ["linear_probe", "knn", "auto"] {
+    for method in ["linear_probe", "knn", "auto", "self_training"] {
         let accuracy = row[format!("{method}_accuracy")].as_f64().unwrap();
         let gain = row[format!("{method}_gain")].as_f64().unwrap();
         assert!((gain - (accuracy - scratch)).abs() < 1e-9, "{row}");
@@ -175,6 +180,11 @@ async fn label_efficiency_compares_every_transfer_method_with_scratch() {
         ["knn", "linear_probe", "fine_tune"].contains(&choice),
         "{row}"
     );
+    // Self-training's teacher is auto's choice, made once per budget.
+    assert_eq!(row["self_training_teacher"], row["auto_choice"], "{row}");
+    assert!(row["pseudo_labels"].as_u64().unwrap() > 0, "{row}");
+    let agreement = row["pseudo_label_agreement"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&agreement), "{row}");
     app.stop().await;
 }
 
@@ -206,5 +216,117 @@ async fn the_knn_monitor_follows_the_encoder_every_epoch() {
         let accuracy = point["value"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&accuracy), "{point}");
     }
+    app.stop().await;
+}
+
+/// A flat archive of shape images (no class folders): an unlabelled dataset.
+fn unlabelled_shapes(per_class: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    labelled_entries(per_class, seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, bytes))| (format!("shape{i}.png"), bytes))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_training_learns_from_the_images_nobody_labelled() {
+    let (app, dataset_id, encoder_id) = shapes_and_encoder().await;
+    let unlabelled = app
+        .upload_zip(zip_archive(&unlabelled_shapes(10, 23)))
+        .await;
+    let unlabelled_id = unlabelled["id"].as_str().unwrap();
+    assert_eq!(unlabelled["labeled"], false, "{unlabelled}");
+    let job = app
+        .create_job(
+            json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
+            "config": {"transfer": "self_training", "unlabelled_dataset_id": unlabelled_id,
+                       "labels_per_class": 4, "pseudo_labels_per_class": 8,
+                       "pseudo_label_threshold": 0.0, "k": 5, "min_steps": 60, "batch_size": 8}}),
+        )
+        .await;
+    assert_eq!(job["config"]["pseudo_labels_per_class"], 8);
+    let job = app.run_until_succeeded(job["id"].as_str().unwrap()).await;
+    let classifier_id = job["model_id"].as_str().unwrap();
+    let model = app.get_json(&format!("/v1/models/{classifier_id}")).await;
+    let metric = |name: &str| {
+        model["metrics"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} missing: {model}"))
+    };
+    // 60 labelled images, 6 held out for validation, 12 used as labels: the
+    // other 42 and the 30 unlabelled ones are pseudo-labelling candidates.
+    assert_eq!(metric("train_labels"), 12.0);
+    assert_eq!(metric("unlabelled_images"), 42.0 + 30.0);
+    let pseudo = metric("pseudo_labels");
+    assert!((1.0..=24.0).contains(&pseudo), "{pseudo} pseudo-labels");
+    let confidence = metric("pseudo_label_confidence");
+    assert!(confidence > 0.0 && confidence <= 1.0, "{confidence}");
+    // The teacher was auto's choice: its cross-validation is on record.
+    metric("auto_cv_accuracy_knn");
+    let description = app
+        .get_json(&format!("/v1/models/{classifier_id}/model.json"))
+        .await;
+    assert_eq!(description["transfer"], "self_training", "{description}");
+    assert!(description["vote"].is_null(), "{description}");
+    let right = classified_right(&app, classifier_id, 7).await;
+    assert!(right >= 8, "self_training: {right} of 12 right");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_training_defaults_to_the_pretraining_images_and_says_when_it_has_none() {
+    let (app, dataset_id, encoder_id) = shapes_and_encoder().await;
+    // An encoder pretrained on unlabelled images: self-training from it
+    // learns from them unless told otherwise, and the stored config says so.
+    let unlabelled = app.upload_zip(zip_archive(&unlabelled_shapes(4, 29))).await;
+    let unlabelled_id = unlabelled["id"].as_str().unwrap();
+    let pretrain = app
+        .create_job(json!({"kind": "pretrain", "dataset_id": unlabelled_id,
+            "config": {"pretext": "rotation", "backbone": "convnet", "image_size": 32, "epochs": 1, "batch_size": 12}}))
+        .await;
+    let pretrain = app
+        .run_until_succeeded(pretrain["id"].as_str().unwrap())
+        .await;
+    let job = app
+        .create_job(json!({"kind": "finetune", "dataset_id": dataset_id,
+            "base_model_id": pretrain["model_id"], "config": {"transfer": "self_training"}}))
+        .await;
+    assert_eq!(job["config"]["unlabelled_dataset_id"], unlabelled_id);
+    app.cancel_job(job["id"].as_str().unwrap()).await;
+
+    // The shapes encoder was pretrained on the labelled dataset itself, and
+    // every labelled image is a label: nothing is left to pseudo-label.
+    let job = app
+        .create_job(
+            json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
+            "config": {"transfer": "self_training", "min_steps": 10, "batch_size": 8}}),
+        )
+        .await;
+    assert!(job["config"]["unlabelled_dataset_id"].is_null(), "{job}");
+    let id = job["id"].as_str().unwrap();
+    app.run_queued_jobs().await;
+    let job = app.job(id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("config.unlabelled_dataset_id"), "{error}");
+
+    let missing = uuid::Uuid::new_v4();
+    let problem = assert_problem(
+        app.post_json(
+            "/v1/jobs",
+            &json!({"kind": "finetune", "dataset_id": dataset_id, "base_model_id": encoder_id,
+                    "config": {"transfer": "self_training", "unlabelled_dataset_id": missing}}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("config.unlabelled_dataset_id"),
+        "{problem}"
+    );
     app.stop().await;
 }
