@@ -116,7 +116,8 @@ FINETUNE_FIELDS = (
     "seed",
 )
 # Transfer methods of a label_efficiency evaluation (`config.transfers`);
-# `auto` chooses one of the other three by cross-validation.
+# `auto` chooses one of fine_tune, linear_probe and knn by cross-validation,
+# and self_training's teacher is auto's choice.
 TRANSFERS = ["fine_tune", "linear_probe", "knn", "auto", "self_training"]
 DEFAULT_TRANSFERS = ",".join(TRANSFERS)
 # The service's kNN vote: votes weighted exp(similarity / temperature)
@@ -1094,7 +1095,10 @@ def markdown(args, record, runs, plan, png):
         f"trains the whole network, `linear_probe` a linear head on the frozen trunk, `knn` "
         f"classifies by the weighted vote of the {args.knn_k} most similar labelled images "
         f"in the frozen trunk's features, and `auto` takes whichever of the three wins a "
-        f"3-fold cross-validation on the budget's labelled images. Gain is a method's "
+        f"3-fold cross-validation on the budget's labelled images; `self_training` lets "
+        f"auto's choice pseudo-label the labelled set's other train images (their labels "
+        f"unread), the surest per class, and fine-tunes a student from the encoder on labels "
+        f"and pseudo-labels. Gain is a method's "
         f"accuracy minus scratch's, in points. kNN is the weighted {args.knn_k}-nearest-"
         f"neighbour accuracy (cosine similarity, votes weighted exp(similarity / "
         f"{KNN_TEMPERATURE:g})) of the frozen encoder, its neighbours taken among the "
@@ -1122,7 +1126,11 @@ def markdown(args, record, runs, plan, png):
         "",
         "The service's `auto` transfer picks `fine_tune`, `linear_probe` or `knn` at each "
         "budget by 3-fold cross-validation on the labelled training subset of that budget "
-        "only; it never sees the test images. Nothing in this run is tuned on the test "
+        "only; it never sees the test images. Self-training's teacher is that same choice, "
+        "and its pseudo-label settings (the service's defaults unless the command line sets "
+        "them) were fixed before any run; the share of its pseudo-labels that equal the "
+        "hidden train labels is reported as a description and chooses nothing. Nothing in "
+        "this run is tuned on the test "
         "images: the pretraining and fine-tuning settings are fixed before the run (the "
         "script's defaults and the command line below, as listed under Configs), kNN uses "
         f"k = {args.knn_k} throughout, and the test images serve only to measure the "
