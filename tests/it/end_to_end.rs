@@ -68,13 +68,14 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
     let problem = assert_problem(response, 409).await;
     assert!(problem["detail"].as_str().unwrap().contains("fine-tune"));
 
-    // Fine-tune the encoder's trunk on the labels.
+    // Fine-tune the encoder's trunk on the labels (fine-tuning named: auto's
+    // cross-validation, six extra fits, is tested in `transfer`).
     let job = app
         .create_job(json!({
             "kind": "finetune",
             "dataset_id": dataset_id,
             "base_model_id": encoder_id,
-            "config": {"epochs": 15, "batch_size": 16, "learning_rate": 0.003, "val_fraction": 0.2}
+            "config": {"transfer": "fine_tune", "epochs": 15, "batch_size": 16, "learning_rate": 0.003, "val_fraction": 0.2}
         }))
         .await;
     assert_eq!(
