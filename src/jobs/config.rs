@@ -699,7 +699,7 @@ fn resolve_transfers(c: &mut FieldChecker, names: Option<Vec<String>>) -> Vec<Tr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::pretext::jigsaw::JigsawConfig;
+    use crate::ml::pretext::jigsaw::{JigsawAssembly, JigsawConfig};
     use crate::validation::parse_config_object;
 
     const SMALL: DefaultsFrom = DefaultsFrom {
@@ -725,6 +725,8 @@ mod tests {
                 permutation_seed: 1,
                 grayscale_probability: 0.3,
                 channel_jitter: 0.1,
+                assembly: JigsawAssembly::Tiles,
+                ordered_fraction: 0.0,
             })
         );
         assert_eq!(config.batch_size, 64);

@@ -111,6 +111,16 @@ async fn jigsaw_pretraining_learns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassembled_jigsaw_pretraining_learns() {
+    pretrain_and_check_loss_falls(
+        "jigsaw",
+        json!({"assembly": "image", "num_permutations": 4, "ordered_fraction": 0.2,
+               "epochs": 20, "learning_rate": 0.002}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
     let app = spawn_app_without_workers().await;
     let labelled = app.upload_zip(zip_archive(&labelled_entries(20, 8))).await;

@@ -9,6 +9,13 @@
 //! greedily for maximal Hamming distance, and a context-free network (a
 //! shared trunk per tile, a per-tile fc layer, concatenation, two fc layers)
 //! predicts which permutation was used.
+//!
+//! With `assembly: "image"` the shuffled cells are put back together into
+//! one image of the input's size instead (JiGen, Carlucci et al., CVPR 2019),
+//! and a linear head on the whole image's features says which permutation
+//! was used, or that the image is in order; [`super::reassembled`] builds
+//! those batches. The trunk then trains on whole images at the scale it is
+//! fine-tuned at, not on tiles a third of the size.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -31,6 +38,8 @@ pub struct JigsawConfigRequest {
     pub permutation_seed: Option<i64>,
     pub grayscale_probability: Option<f64>,
     pub channel_jitter: Option<f64>,
+    pub assembly: Option<JigsawAssembly>,
+    pub ordered_fraction: Option<f64>,
 }
 
 /// The fields of [`JigsawConfigRequest`], as the API names them.
@@ -41,7 +50,34 @@ pub const FIELDS: &[&str] = &[
     "permutation_seed",
     "grayscale_probability",
     "channel_jitter",
+    "assembly",
+    "ordered_fraction",
 ];
+
+/// What the network sees of a puzzle.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JigsawAssembly {
+    /// Each tile on its own, through the shared trunk (Noroozi & Favaro).
+    #[default]
+    Tiles,
+    /// The shuffled cells reassembled into one image (JiGen).
+    Image,
+}
+
+impl JigsawAssembly {
+    /// Permutations in the set when the job names none: the papers'
+    /// choices, 100 for tiles (Noroozi & Favaro), 30 for images (JiGen).
+    fn default_permutations(self) -> i64 {
+        match self {
+            JigsawAssembly::Tiles => 100,
+            JigsawAssembly::Image => 30,
+        }
+    }
+}
+
+/// Share of reassembled images left in order when the job names none.
+pub const DEFAULT_ORDERED_FRACTION: f64 = 0.25;
 
 /// Jigsaw's settings, every default filled in.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,6 +94,14 @@ pub struct JigsawConfig {
     pub grayscale_probability: f64,
     /// Per-channel scale and shift amplitude.
     pub channel_jitter: f64,
+    /// Tiles apart or reassembled into one image (configs stored before
+    /// this field read tiles).
+    #[serde(default)]
+    pub assembly: JigsawAssembly,
+    /// With reassembled images, the share left in order (their own class);
+    /// always 0 with tiles.
+    #[serde(default)]
+    pub ordered_fraction: f64,
 }
 
 /// The side of a tile and the colour remedies of a tile-based task, read
@@ -104,30 +148,63 @@ impl JigsawConfigRequest {
     pub fn resolve(self, image_size: i64) -> Result<JigsawConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
         let grid = c.int("grid", self.grid, 3, 2, 4);
+        let assembly = self.assembly.unwrap_or_default();
+        let reassembled = assembly == JigsawAssembly::Image;
+        if reassembled && self.tile_size.is_some() {
+            c.reject(
+                "tile_size",
+                "reassembled puzzles use whole cells; remove tile_size or use assembly tiles",
+            );
+        }
+        if !reassembled && self.ordered_fraction.is_some() {
+            c.reject(
+                "ordered_fraction",
+                "applies to assembly image only; remove it or set assembly to image",
+            );
+        }
         let shape = resolve_tile_fields(
             &mut c,
             grid,
             image_size,
-            self.tile_size,
+            self.tile_size.filter(|_| !reassembled),
             self.grayscale_probability,
             self.channel_jitter,
         );
+        let tile_size = if reassembled {
+            (image_size / grid).max(1)
+        } else {
+            shape.tile_size
+        };
         let max_permutations = factorial_capped(grid * grid, 2000);
         let num_permutations = c.int(
             "num_permutations",
             self.num_permutations,
-            100.min(max_permutations),
+            assembly.default_permutations().min(max_permutations),
             2,
             max_permutations,
         );
         let permutation_seed = c.int("permutation_seed", self.permutation_seed, 1, 0, i64::MAX);
+        let ordered_fraction = if reassembled {
+            c.float(
+                "ordered_fraction",
+                self.ordered_fraction,
+                DEFAULT_ORDERED_FRACTION,
+                0.0,
+                0.9,
+                false,
+            )
+        } else {
+            0.0
+        };
         c.finish(JigsawConfig {
             grid,
-            tile_size: shape.tile_size,
+            tile_size,
             num_permutations,
             permutation_seed,
             grayscale_probability: shape.grayscale_probability,
             channel_jitter: shape.channel_jitter,
+            assembly,
+            ordered_fraction,
         })
     }
 }
@@ -519,6 +596,55 @@ mod tests {
         let set = JigsawPermutationSet::generate(2, 100, 0);
         assert_eq!(set.permutations.len(), 24);
         assert_eq!(set.minimum_distance(), 2);
+    }
+
+    #[test]
+    fn reassembled_puzzles_take_whole_cells_and_their_own_defaults() {
+        let request = JigsawConfigRequest {
+            assembly: Some(JigsawAssembly::Image),
+            ..Default::default()
+        };
+        let config = request.resolve(28).unwrap();
+        assert_eq!(config.assembly, JigsawAssembly::Image);
+        assert_eq!(config.tile_size, 9);
+        assert_eq!(config.num_permutations, 30);
+        assert_eq!(config.ordered_fraction, DEFAULT_ORDERED_FRACTION);
+        let tiles = JigsawConfigRequest::default().resolve(28).unwrap();
+        assert_eq!((tiles.num_permutations, tiles.ordered_fraction), (100, 0.0));
+
+        let errors = JigsawConfigRequest {
+            assembly: Some(JigsawAssembly::Image),
+            tile_size: Some(7),
+            ordered_fraction: Some(1.5),
+            ..Default::default()
+        }
+        .resolve(28)
+        .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["config.tile_size", "config.ordered_fraction"]);
+        let errors = JigsawConfigRequest {
+            ordered_fraction: Some(0.5),
+            ..Default::default()
+        }
+        .resolve(28)
+        .unwrap_err();
+        assert_eq!(errors[0].field, "config.ordered_fraction");
+        assert!(
+            errors[0].message.contains("assembly"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn configs_stored_before_assembly_read_as_tiles() {
+        let stored = serde_json::json!({
+            "grid": 3, "tile_size": 7, "num_permutations": 100, "permutation_seed": 1,
+            "grayscale_probability": 0.3, "channel_jitter": 0.1,
+        });
+        let config: JigsawConfig = serde_json::from_value(stored).unwrap();
+        assert_eq!(config.assembly, JigsawAssembly::Tiles);
+        assert_eq!(config.ordered_fraction, 0.0);
     }
 
     fn shape() -> PuzzleShape {

@@ -15,6 +15,7 @@
 
 pub mod barlow_twins;
 pub mod jigsaw;
+pub mod reassembled;
 pub mod relative_position;
 pub mod rotation;
 pub mod simclr;
@@ -30,8 +31,10 @@ use crate::ml::device::{channels_last, mixed_precision, to_device_async};
 use crate::validation::{parse_config_object, FieldChecker, FieldError};
 use barlow_twins::{barlow_twins_loss, BarlowTwinsConfig, BarlowTwinsConfigRequest};
 use jigsaw::{
-    make_puzzles, JigsawConfig, JigsawConfigRequest, JigsawHead, JigsawPermutationSet, PuzzleShape,
+    make_puzzles, JigsawAssembly, JigsawConfig, JigsawConfigRequest, JigsawHead,
+    JigsawPermutationSet, PuzzleShape,
 };
+use reassembled::{make_reassembled_puzzles, ReassembledHead};
 use relative_position::{
     make_pairs, RelativePositionConfig, RelativePositionConfigRequest, RelativePositionHead,
 };
@@ -225,6 +228,8 @@ pub enum PretextBatch {
     Tiles { tiles: Tensor, labels: Tensor },
     /// Uint8 images `[B, C, S, S]` and which of them to flip before rotating.
     Rotations { images: Tensor, flips: Tensor },
+    /// Uint8 images `[B, C, S, S]` and their labels `[B]`.
+    Images { images: Tensor, labels: Tensor },
     /// Two views of every image, `[2B, C, S, S]` floats in [0, 1].
     Views { views: Tensor },
 }
@@ -245,6 +250,10 @@ impl PretextBatch {
                 images: images.pin_memory(device),
                 flips: flips.pin_memory(device),
             },
+            PretextBatch::Images { images, labels } => PretextBatch::Images {
+                images: images.pin_memory(device),
+                labels: labels.pin_memory(device),
+            },
             PretextBatch::Views { views } => PretextBatch::Views {
                 views: views.pin_memory(device),
             },
@@ -259,6 +268,11 @@ pub enum BatchRecipe {
     Jigsaw {
         permutations: JigsawPermutationSet,
         shape: PuzzleShape,
+    },
+    /// Jigsaw puzzles reassembled into whole images.
+    ReassembledJigsaw {
+        permutations: JigsawPermutationSet,
+        ordered_fraction: f64,
     },
     Rotation,
     RelativePosition {
@@ -281,6 +295,14 @@ impl BatchRecipe {
             } => {
                 let (tiles, labels) = make_puzzles(images, permutations, *shape, rng);
                 PretextBatch::Tiles { tiles, labels }
+            }
+            BatchRecipe::ReassembledJigsaw {
+                permutations,
+                ordered_fraction,
+            } => {
+                let (images, labels) =
+                    make_reassembled_puzzles(images, permutations, *ordered_fraction, rng);
+                PretextBatch::Images { images, labels }
             }
             BatchRecipe::Rotation => PretextBatch::Rotations {
                 images: images.to_tensor(),
@@ -308,6 +330,12 @@ pub enum PretextTask {
         permutations: JigsawPermutationSet,
         permutation_seed: i64,
         shape: PuzzleShape,
+    },
+    ReassembledJigsaw {
+        head: ReassembledHead,
+        permutations: JigsawPermutationSet,
+        permutation_seed: i64,
+        ordered_fraction: f64,
     },
     Rotation {
         head: RotationHead,
@@ -343,6 +371,18 @@ impl PretextTask {
                     jigsaw.num_permutations as usize,
                     jigsaw.permutation_seed as u64,
                 );
+                if jigsaw.assembly == JigsawAssembly::Image {
+                    return PretextTask::ReassembledJigsaw {
+                        head: ReassembledHead::new(
+                            p,
+                            feature_dim,
+                            permutations.permutations.len() as i64,
+                        ),
+                        permutations,
+                        permutation_seed: jigsaw.permutation_seed,
+                        ordered_fraction: jigsaw.ordered_fraction,
+                    };
+                }
                 let head = JigsawHead::new(
                     p,
                     feature_dim,
@@ -392,6 +432,14 @@ impl PretextTask {
                 permutations: permutations.clone(),
                 shape: *shape,
             },
+            PretextTask::ReassembledJigsaw {
+                permutations,
+                ordered_fraction,
+                ..
+            } => BatchRecipe::ReassembledJigsaw {
+                permutations: permutations.clone(),
+                ordered_fraction: *ordered_fraction,
+            },
             PretextTask::Rotation { .. } => BatchRecipe::Rotation,
             PretextTask::RelativePosition { shape, .. } => {
                 BatchRecipe::RelativePosition { shape: *shape }
@@ -425,6 +473,14 @@ impl PretextTask {
                     true,
                 );
                 losses(&logits, &labels)
+            }
+            (
+                PretextTask::ReassembledJigsaw { head, .. },
+                PretextBatch::Images { images, labels },
+            ) => {
+                let xs = normalise(&to_device_async(images, device), input.0, input.1, device);
+                let labels = to_device_async(labels, device);
+                losses(&head.forward(&features(&xs)), &labels)
             }
             (PretextTask::Rotation { head }, PretextBatch::Rotations { images, flips }) => {
                 let xs = normalise(&to_device_async(images, device), input.0, input.1, device);
@@ -491,6 +547,11 @@ impl PretextTask {
             PretextTask::Jigsaw { permutations, .. } => {
                 1.0 / permutations.permutations.len() as f64
             }
+            PretextTask::ReassembledJigsaw {
+                permutations,
+                ordered_fraction,
+                ..
+            } => reassembled::chance_accuracy(permutations.permutations.len(), *ordered_fraction),
             PretextTask::Rotation { .. } => 0.25,
             PretextTask::RelativePosition { .. } => 0.125,
             PretextTask::Simclr { .. }
@@ -516,6 +577,21 @@ impl PretextTask {
                 "num_permutations": permutations.permutations.len(),
                 "min_hamming_distance": permutations.minimum_distance(),
                 "permutations": permutations.permutations,
+                "assembly": JigsawAssembly::Tiles,
+            }),
+            PretextTask::ReassembledJigsaw {
+                permutations,
+                permutation_seed,
+                ordered_fraction,
+                ..
+            } => serde_json::json!({
+                "grid": permutations.grid,
+                "permutation_seed": permutation_seed,
+                "num_permutations": permutations.permutations.len(),
+                "min_hamming_distance": permutations.minimum_distance(),
+                "permutations": permutations.permutations,
+                "assembly": JigsawAssembly::Image,
+                "ordered_fraction": ordered_fraction,
             }),
             PretextTask::Rotation { .. } => serde_json::json!({ "rotations": [0, 90, 180, 270] }),
             PretextTask::RelativePosition { shape, .. } => serde_json::json!({
