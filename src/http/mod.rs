@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
+pub mod images;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
@@ -79,6 +80,8 @@ pub fn router(state: AppState) -> Router {
             get(datasets::get).delete(datasets::delete),
         )
         .route("/v1/datasets/{id}/samples/{n}", get(samples::sample))
+        .route("/v1/datasets/{id}/images", get(images::list))
+        .route("/v1/datasets/{id}/images/{image_id}", get(images::get))
         .route("/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))

@@ -16,6 +16,7 @@ mod end_to_end;
 mod evaluation;
 mod events;
 mod hostile;
+mod images;
 mod interop;
 mod jobs;
 mod load;
