@@ -3,7 +3,7 @@
 //! protocol (fine-tune from the pretrained encoder and from scratch on the
 //! same label budgets, same seeds, same epochs, and report the gain).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,7 +14,7 @@ use super::backbone::{features, Backbone};
 use super::checkpoint::load_vars;
 use super::classifier::{is_trunk_variable, NeighbourVote, Transfer};
 use super::optimizer::AdamW;
-use super::self_training::{student_set_size, teach, PseudoLabels};
+use super::self_training::{left_unlabelled, student_set_size, teach, PseudoLabels};
 use super::supervised::SupervisedSettings;
 use super::training::{
     cosine_learning_rate, EvaluationReport, InputSpec, PermanentError, StopReason, TrainingContext,
@@ -424,7 +424,6 @@ pub fn load_trunk(
 
 /// What one budget's runs share: the steps done so far (for progress) and
 /// `auto`'s choice, made once and reused by self-training's teacher.
-#[derive(Default)]
 struct BudgetRuns {
     steps_done: i64,
     auto_choice: Option<Transfer>,
@@ -482,13 +481,7 @@ fn fit_and_test(
         method => method,
     };
     if requested == Transfer::SelfTraining {
-        let chosen: HashSet<usize> = train.iter().copied().collect();
-        let unlabelled: Vec<usize> = split
-            .train
-            .iter()
-            .copied()
-            .filter(|i| !chosen.contains(i))
-            .collect();
+        let unlabelled = left_unlabelled(&split.train, train);
         let Some(lesson) = teach(
             &setup,
             method,

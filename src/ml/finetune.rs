@@ -6,7 +6,7 @@
 //! owns what a job adds to the methods: the validation split, metric
 //! reports, checkpoints and the model it keeps.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -16,7 +16,7 @@ use super::checkpoint::CheckpointSchedule;
 use super::classifier::Classifier;
 use super::classifier::Transfer;
 use super::optimizer::AdamW;
-use super::self_training::teach;
+use super::self_training::{left_unlabelled, teach};
 use super::supervised::{
     evaluate_classifier, train_classifier, LabelledImages, StepDone, SupervisedSettings,
 };
@@ -288,8 +288,7 @@ fn load_finetune_data(
     }
     let mut unlabelled = Vec::new();
     if config.transfer == Transfer::SelfTraining {
-        let labelled: HashSet<usize> = train.iter().copied().collect();
-        unlabelled.extend(pool.iter().filter(|i| !labelled.contains(i)));
+        unlabelled.extend(left_unlabelled(&pool, &train));
         if let Some(dir) = datasets.unlabelled {
             let extra = load_image_set(dir, size, channels, ctx.max_image_pixels).map_err(|e| {
                 PermanentError(format!(

@@ -95,6 +95,16 @@ pub fn pick_pseudo_labels(
     }
 }
 
+/// The images of `pool` that are not among `labelled`, in pool order: those
+/// a label budget left out, whose labels self-training never reads.
+pub fn left_unlabelled(pool: &[usize], labelled: &[usize]) -> Vec<usize> {
+    let labelled: std::collections::HashSet<usize> = labelled.iter().copied().collect();
+    pool.iter()
+        .copied()
+        .filter(|i| !labelled.contains(i))
+        .collect()
+}
+
 /// At most `max` images of `pool`, a seeded sample (all of them, in order,
 /// when the pool is no larger).
 pub fn sample_unlabelled(pool: &[usize], max: usize, seed: u64) -> Vec<usize> {
@@ -258,5 +268,11 @@ mod tests {
             confidence: vec![0.9],
         };
         assert_eq!(relabelled(&data, &pseudo).labels, vec![0, 1, 1]);
+    }
+
+    #[test]
+    fn the_images_a_budget_left_out_are_the_unlabelled_ones() {
+        assert_eq!(left_unlabelled(&[4, 1, 7, 3, 9], &[7, 4]), [1, 3, 9]);
+        assert!(left_unlabelled(&[2, 5], &[5, 2]).is_empty());
     }
 }

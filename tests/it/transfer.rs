@@ -57,6 +57,13 @@ async fn classified_right(app: &TestApp, classifier_id: &str, seed: u64) -> usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_transfer_method_makes_a_classifier_that_says_how_it_was_made() {
+    // Its accuracy bound holds for the weights a seeded job starts from;
+    // beside other tests, LibTorch's process-wide generator would be shared.
+    if !in_own_process(
+        "transfer::every_transfer_method_makes_a_classifier_that_says_how_it_was_made",
+    ) {
+        return;
+    }
     let (app, dataset_id, encoder_id) = shapes_and_encoder().await;
     for (transfer, vote) in [("knn", true), ("linear_probe", false), ("fine_tune", false)] {
         let job = app
