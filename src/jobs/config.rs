@@ -720,13 +720,13 @@ mod tests {
             config.pretext,
             PretextConfig::Jigsaw(JigsawConfig {
                 grid: 3,
-                tile_size: 7,
+                tile_size: 9,
                 num_permutations: 100,
                 permutation_seed: 1,
                 grayscale_probability: 0.3,
                 channel_jitter: 0.1,
-                assembly: JigsawAssembly::Tiles,
-                ordered_fraction: 0.0,
+                assembly: JigsawAssembly::Image,
+                ordered_fraction: 0.25,
             })
         );
         assert_eq!(config.batch_size, 64);

@@ -26,7 +26,10 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
         .await;
     assert_eq!(job["state"], "queued");
     assert_eq!(job["config"]["grid"], 3, "defaults are filled in: {job}");
-    assert_eq!(job["config"]["tile_size"], 8);
+    // 32-px images: the puzzle is reassembled, its cells whole.
+    assert_eq!(job["config"]["assembly"], "image");
+    assert_eq!(job["config"]["tile_size"], 10);
+    assert_eq!(job["config"]["ordered_fraction"], 0.25);
     let job = app
         .wait_for_success(job["id"].as_str().unwrap(), Duration::from_secs(180))
         .await;
@@ -58,6 +61,7 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
             .len(),
         10
     );
+    assert_eq!(encoder["pretext_config"]["assembly"], "image");
 
     // An encoder has no classes.
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);

@@ -105,7 +105,7 @@ async fn relative_position_pretraining_learns() {
 async fn jigsaw_pretraining_learns() {
     pretrain_and_check_loss_falls(
         "jigsaw",
-        json!({"num_permutations": 4, "epochs": 20, "learning_rate": 0.002}),
+        json!({"assembly": "tiles", "num_permutations": 4, "epochs": 20, "learning_rate": 0.002}),
     )
     .await;
 }
