@@ -727,6 +727,7 @@ mod tests {
                 channel_jitter: 0.1,
                 assembly: JigsawAssembly::Image,
                 ordered_fraction: 0.25,
+                cell_gap: 0,
             })
         );
         assert_eq!(config.batch_size, 64);

@@ -114,7 +114,7 @@ async fn jigsaw_pretraining_learns() {
 async fn reassembled_jigsaw_pretraining_learns() {
     pretrain_and_check_loss_falls(
         "jigsaw",
-        json!({"assembly": "image", "num_permutations": 4, "ordered_fraction": 0.2,
+        json!({"assembly": "image", "num_permutations": 4, "ordered_fraction": 0.2, "cell_gap": 1,
                "epochs": 20, "learning_rate": 0.002}),
     )
     .await;

@@ -40,6 +40,7 @@ pub struct JigsawConfigRequest {
     pub channel_jitter: Option<f64>,
     pub assembly: Option<JigsawAssembly>,
     pub ordered_fraction: Option<f64>,
+    pub cell_gap: Option<i64>,
 }
 
 /// The fields of [`JigsawConfigRequest`], as the API names them.
@@ -52,6 +53,7 @@ pub const FIELDS: &[&str] = &[
     "channel_jitter",
     "assembly",
     "ordered_fraction",
+    "cell_gap",
 ];
 
 /// What the network sees of a puzzle.
@@ -98,6 +100,11 @@ pub struct JigsawConfig {
     /// always 0 with tiles.
     #[serde(default)]
     pub ordered_fraction: f64,
+    /// With reassembled images, the pixels along every cell's edges filled
+    /// with the image's mean (so neighbouring cells are twice this apart);
+    /// always 0 with tiles, whose gaps come from `tile_size`.
+    #[serde(default)]
+    pub cell_gap: i64,
 }
 
 /// The side of a tile and the colour remedies of a tile-based task, read
@@ -162,11 +169,16 @@ impl JigsawConfigRequest {
                 ),
             );
         }
-        if !reassembled && self.ordered_fraction.is_some() {
-            c.reject(
-                "ordered_fraction",
-                "applies to assembly image only; remove it or set assembly to image",
-            );
+        for (field, given) in [
+            ("ordered_fraction", self.ordered_fraction.is_some()),
+            ("cell_gap", self.cell_gap.is_some()),
+        ] {
+            if given && !reassembled {
+                c.reject(
+                    field,
+                    "applies to assembly image only; remove it or set assembly to image",
+                );
+            }
         }
         let shape = resolve_tile_fields(
             &mut c,
@@ -198,6 +210,12 @@ impl JigsawConfigRequest {
         } else {
             0.0
         };
+        // At least two pixels of every cell stay.
+        let cell_gap = if reassembled {
+            c.int("cell_gap", self.cell_gap, 0, 0, ((cell - 2) / 2).max(0))
+        } else {
+            0
+        };
         c.finish(JigsawConfig {
             grid,
             tile_size,
@@ -207,6 +225,7 @@ impl JigsawConfigRequest {
             channel_jitter: shape.channel_jitter,
             assembly,
             ordered_fraction,
+            cell_gap,
         })
     }
 }
@@ -628,6 +647,7 @@ mod tests {
             channel_jitter: Some(config.channel_jitter),
             assembly: Some(config.assembly),
             ordered_fraction: Some(config.ordered_fraction),
+            cell_gap: Some(config.cell_gap),
         };
         assert_eq!(again.resolve(28).unwrap(), config);
 
@@ -635,12 +655,21 @@ mod tests {
             assembly: Some(JigsawAssembly::Image),
             tile_size: Some(7),
             ordered_fraction: Some(1.5),
+            cell_gap: Some(4),
             ..Default::default()
         }
         .resolve(28)
         .unwrap_err();
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["config.tile_size", "config.ordered_fraction"]);
+        assert_eq!(
+            fields,
+            [
+                "config.tile_size",
+                "config.ordered_fraction",
+                "config.cell_gap"
+            ]
+        );
+        assert!(errors[2].message.contains("between 0 and 3"), "{errors:?}");
         let errors = JigsawConfigRequest {
             assembly: Some(JigsawAssembly::Tiles),
             ordered_fraction: Some(0.5),

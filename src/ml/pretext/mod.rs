@@ -34,7 +34,7 @@ use jigsaw::{
     make_puzzles, JigsawAssembly, JigsawConfig, JigsawConfigRequest, JigsawHead,
     JigsawPermutationSet, PuzzleShape,
 };
-use reassembled::{make_reassembled_puzzles, ReassembledHead};
+use reassembled::{make_reassembled_puzzles, ReassembledHead, ReassemblySettings};
 use relative_position::{
     make_pairs, RelativePositionConfig, RelativePositionConfigRequest, RelativePositionHead,
 };
@@ -272,7 +272,7 @@ pub enum BatchRecipe {
     /// Jigsaw puzzles reassembled into whole images.
     ReassembledJigsaw {
         permutations: JigsawPermutationSet,
-        ordered_fraction: f64,
+        settings: ReassemblySettings,
     },
     Rotation,
     RelativePosition {
@@ -298,10 +298,10 @@ impl BatchRecipe {
             }
             BatchRecipe::ReassembledJigsaw {
                 permutations,
-                ordered_fraction,
+                settings,
             } => {
                 let (images, labels) =
-                    make_reassembled_puzzles(images, permutations, *ordered_fraction, rng);
+                    make_reassembled_puzzles(images, permutations, *settings, rng);
                 PretextBatch::Images { images, labels }
             }
             BatchRecipe::Rotation => PretextBatch::Rotations {
@@ -335,7 +335,7 @@ pub enum PretextTask {
         head: ReassembledHead,
         permutations: JigsawPermutationSet,
         permutation_seed: i64,
-        ordered_fraction: f64,
+        settings: ReassemblySettings,
     },
     Rotation {
         head: RotationHead,
@@ -380,7 +380,10 @@ impl PretextTask {
                         ),
                         permutations,
                         permutation_seed: jigsaw.permutation_seed,
-                        ordered_fraction: jigsaw.ordered_fraction,
+                        settings: ReassemblySettings {
+                            ordered_fraction: jigsaw.ordered_fraction,
+                            cell_gap: jigsaw.cell_gap as usize,
+                        },
                     };
                 }
                 let head = JigsawHead::new(
@@ -434,11 +437,11 @@ impl PretextTask {
             },
             PretextTask::ReassembledJigsaw {
                 permutations,
-                ordered_fraction,
+                settings,
                 ..
             } => BatchRecipe::ReassembledJigsaw {
                 permutations: permutations.clone(),
-                ordered_fraction: *ordered_fraction,
+                settings: *settings,
             },
             PretextTask::Rotation { .. } => BatchRecipe::Rotation,
             PretextTask::RelativePosition { shape, .. } => {
@@ -549,9 +552,12 @@ impl PretextTask {
             }
             PretextTask::ReassembledJigsaw {
                 permutations,
-                ordered_fraction,
+                settings,
                 ..
-            } => reassembled::chance_accuracy(permutations.permutations.len(), *ordered_fraction),
+            } => reassembled::chance_accuracy(
+                permutations.permutations.len(),
+                settings.ordered_fraction,
+            ),
             PretextTask::Rotation { .. } => 0.25,
             PretextTask::RelativePosition { .. } => 0.125,
             PretextTask::Simclr { .. }
@@ -582,7 +588,7 @@ impl PretextTask {
             PretextTask::ReassembledJigsaw {
                 permutations,
                 permutation_seed,
-                ordered_fraction,
+                settings,
                 ..
             } => serde_json::json!({
                 "grid": permutations.grid,
@@ -591,7 +597,8 @@ impl PretextTask {
                 "min_hamming_distance": permutations.minimum_distance(),
                 "permutations": permutations.permutations,
                 "assembly": JigsawAssembly::Image,
-                "ordered_fraction": ordered_fraction,
+                "ordered_fraction": settings.ordered_fraction,
+                "cell_gap": settings.cell_gap,
             }),
             PretextTask::Rotation { .. } => serde_json::json!({ "rotations": [0, 90, 180, 270] }),
             PretextTask::RelativePosition { shape, .. } => serde_json::json!({

@@ -11,7 +11,10 @@
 //! moved; the pixels outside the crop (when the side is not a multiple of
 //! the grid) stay where they are. Each image is flipped left-right at random
 //! before it is cut, and the crop's offset is drawn per image, so cell
-//! borders do not always fall on the same pixels.
+//! borders do not always fall on the same pixels. With a `cell_gap`, a band
+//! along every cell's edges (in every image, in order or not) is filled with
+//! the image's mean, so that no cell touches its neighbour: the network
+//! cannot tell a permutation by whether edges continue across cells.
 
 use rand::Rng;
 use rayon::prelude::*;
@@ -20,6 +23,15 @@ use tch::Tensor;
 
 use super::jigsaw::JigsawPermutationSet;
 use super::ImageBatch;
+
+/// How reassembled puzzles are drawn, beyond the permutation set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReassemblySettings {
+    /// Share of images left in order.
+    pub ordered_fraction: f64,
+    /// Pixels filled with the image's mean along each edge of every cell.
+    pub cell_gap: usize,
+}
 
 /// How one image is turned into a puzzle.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,12 +77,12 @@ fn draw_reassembly(
 
 /// Writes `image` (uint8 CHW, `side`² per channel) into `out` as `how` says:
 /// flipped if drawn, then the crop's cell at position `k` (row-major) taken
-/// from cell `order[k]` of the (flipped) image.
+/// from cell `order[k]` of the (flipped) image, then `gap` pixels along each
+/// edge of every cell of the crop filled with the channel's mean.
 fn reassemble(
     out: &mut [u8],
     image: &[u8],
-    side: usize,
-    grid: usize,
+    (side, grid, gap): (usize, usize, usize),
     how: &Reassembly,
     order: Option<&[u8]>,
 ) {
@@ -83,12 +95,25 @@ fn reassemble(
             }
         }
     }
-    let Some(order) = order else {
-        return;
-    };
     let cell = side / grid;
-    let source = out.to_vec();
     let (oy, ox) = how.offset;
+    if let Some(order) = order {
+        move_cells(out, (side, grid, cell), (oy, ox), order);
+    }
+    if gap > 0 {
+        fill_cell_edges(out, (side, grid, cell, gap), (oy, ox));
+    }
+}
+
+/// Puts cell `order[k]` of the crop at `(oy, ox)` in cell `k`'s place.
+fn move_cells(
+    out: &mut [u8],
+    (side, grid, cell): (usize, usize, usize),
+    (oy, ox): (usize, usize),
+    order: &[u8],
+) {
+    let plane = side * side;
+    let source = out.to_vec();
     for (k, &from) in order.iter().enumerate() {
         let (to_y, to_x) = (oy + k / grid * cell, ox + k % grid * cell);
         let from = from as usize;
@@ -103,14 +128,40 @@ fn reassemble(
     }
 }
 
+/// Fills a band `gap` pixels wide along each edge of every cell of the
+/// crop at `(oy, ox)` with the mean of its channel plane.
+fn fill_cell_edges(
+    out: &mut [u8],
+    (side, grid, cell, gap): (usize, usize, usize, usize),
+    (oy, ox): (usize, usize),
+) {
+    let plane = side * side;
+    for out_plane in out.chunks_mut(plane) {
+        let sum: u64 = out_plane.iter().map(|&p| u64::from(p)).sum();
+        let mean = (sum / plane.max(1) as u64) as u8;
+        for k in 0..grid * grid {
+            let (top, left) = (oy + k / grid * cell, ox + k % grid * cell);
+            for row in 0..cell {
+                let line = &mut out_plane[(top + row) * side + left..][..cell];
+                if row < gap || row >= cell - gap {
+                    line.fill(mean);
+                } else {
+                    line[..gap].fill(mean);
+                    line[cell - gap..].fill(mean);
+                }
+            }
+        }
+    }
+}
+
 /// Builds one reassembled puzzle per image of `batch`: uint8 images
 /// `[B, C, S, S]` and their classes `[B]` (0 in order, `1 + index` for
-/// permutation `index`). A share `ordered_fraction` of images, drawn at
-/// random, stays in order.
+/// permutation `index`). A share of images, drawn at random, stays in
+/// order; every image gets the cell gaps of `settings`.
 pub fn make_reassembled_puzzles(
     batch: &ImageBatch<'_>,
     permutations: &JigsawPermutationSet,
-    ordered_fraction: f64,
+    settings: ReassemblySettings,
     rng: &mut impl Rng,
 ) -> (Tensor, Tensor) {
     let [channels, side, _] = batch.shape;
@@ -121,7 +172,7 @@ pub fn make_reassembled_puzzles(
                 side,
                 grid,
                 permutations.permutations.len(),
-                ordered_fraction,
+                settings.ordered_fraction,
                 rng,
             )
         })
@@ -134,7 +185,8 @@ pub fn make_reassembled_puzzles(
             let order = how
                 .permutation
                 .map(|index| permutations.permutations[index].as_slice());
-            reassemble(image_out, batch.image(b), side, grid, how, order);
+            let geometry = (side, grid, settings.cell_gap);
+            reassemble(image_out, batch.image(b), geometry, how, order);
         });
     let labels: Vec<i64> = draws.iter().map(Reassembly::label).collect();
     let shape = [
@@ -206,7 +258,7 @@ mod tests {
         };
         let order = [8u8, 1, 2, 3, 4, 5, 6, 7, 0];
         let mut out = vec![0u8; side * side];
-        reassemble(&mut out, &image, side, 3, &how, Some(&order));
+        reassemble(&mut out, &image, (side, 3, 0), &how, Some(&order));
         let at = |buffer: &[u8], y: usize, x: usize| buffer[y * side + x];
         // Cell 0 (rows 1–2, cols 0–1) now holds cell 8 (rows 5–6, cols 4–5).
         assert_eq!(at(&out, 1, 0), at(&image, 5, 4));
@@ -224,6 +276,52 @@ mod tests {
     }
 
     #[test]
+    fn cell_gaps_fill_every_cells_edges_with_the_mean_in_order_or_not() {
+        // 8×8, grid 2: cells of 4 px; a gap of 1 leaves each cell's 2×2 centre.
+        let side = 8;
+        let image: Vec<u8> = (0..64u8).map(|p| p * 2).collect();
+        let mean = (image.iter().map(|&p| u32::from(p)).sum::<u32>() / 64) as u8;
+        for permutation in [None, Some(0)] {
+            let how = Reassembly {
+                flip: false,
+                offset: (0, 0),
+                permutation,
+            };
+            let order = [3u8, 2, 1, 0];
+            let mut out = vec![0u8; 64];
+            reassemble(
+                &mut out,
+                &image,
+                (side, 2, 1),
+                &how,
+                permutation.map(|_| &order[..]),
+            );
+            for y in 0..side {
+                for x in 0..side {
+                    let (in_cell_y, in_cell_x) = (y % 4, x % 4);
+                    let edge = [0, 3].contains(&in_cell_y) || [0, 3].contains(&in_cell_x);
+                    let value = out[y * side + x];
+                    if edge {
+                        assert_eq!(value, mean, "({y}, {x}) of {permutation:?}");
+                    } else {
+                        // Centres are moved cells: cell k holds cell 3 - k.
+                        let (cy, cx) = if permutation.is_some() {
+                            (4 - y / 4 * 4 + y % 4, 4 - x / 4 * 4 + x % 4)
+                        } else {
+                            (y, x)
+                        };
+                        assert_eq!(
+                            value,
+                            image[cy * side + cx],
+                            "({y}, {x}) of {permutation:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn an_image_left_in_order_is_only_flipped() {
         let side = 4;
         let image: Vec<u8> = (0..(2 * side * side) as u8).collect();
@@ -233,7 +331,7 @@ mod tests {
             permutation: None,
         };
         let mut out = vec![0u8; image.len()];
-        reassemble(&mut out, &image, side, 2, &how, None);
+        reassemble(&mut out, &image, (side, 2, 0), &how, None);
         for c in 0..2 {
             for y in 0..side {
                 for x in 0..side {
@@ -260,7 +358,11 @@ mod tests {
         };
         let set = JigsawPermutationSet::generate(3, 10, 0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let (images, labels) = make_reassembled_puzzles(&batch, &set, 0.0, &mut rng);
+        let settings = ReassemblySettings {
+            ordered_fraction: 0.0,
+            cell_gap: 0,
+        };
+        let (images, labels) = make_reassembled_puzzles(&batch, &set, settings, &mut rng);
         assert_eq!(images.size(), [2, 1, 12, 12]);
         let labels = Vec::<i64>::try_from(labels).unwrap();
         assert!(labels.iter().all(|&l| (1..=10).contains(&l)), "{labels:?}");
@@ -274,7 +376,11 @@ mod tests {
             assert_eq!(got, expected);
         }
         // With every image in order, every class is 0.
-        let (_, ordered) = make_reassembled_puzzles(&batch, &set, 1.0, &mut rng);
+        let settings = ReassemblySettings {
+            ordered_fraction: 1.0,
+            ..settings
+        };
+        let (_, ordered) = make_reassembled_puzzles(&batch, &set, settings, &mut rng);
         assert_eq!(Vec::<i64>::try_from(ordered).unwrap(), [0, 0]);
     }
 
