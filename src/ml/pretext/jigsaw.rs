@@ -169,9 +169,13 @@ impl JigsawConfigRequest {
                 ),
             );
         }
+        // A resolved tiles config holds both at 0, and is accepted back.
         for (field, given) in [
-            ("ordered_fraction", self.ordered_fraction.is_some()),
-            ("cell_gap", self.cell_gap.is_some()),
+            (
+                "ordered_fraction",
+                self.ordered_fraction.is_some_and(|f| f != 0.0),
+            ),
+            ("cell_gap", self.cell_gap.is_some_and(|g| g != 0)),
         ] {
             if given && !reassembled {
                 c.reject(
@@ -637,7 +641,21 @@ mod tests {
         assert_eq!((tiles.tile_size, tiles.ordered_fraction), (7, 0.0));
         let large = JigsawConfigRequest::default().resolve(64).unwrap();
         assert_eq!(large.assembly, JigsawAssembly::Tiles);
-        // A resolved config sent again resolves to itself.
+        // A resolved config sent again resolves to itself, tiles or image.
+        for (config, side) in [(&large, 64), (&tiles, 28)] {
+            let again = JigsawConfigRequest {
+                grid: Some(config.grid),
+                tile_size: Some(config.tile_size),
+                num_permutations: Some(config.num_permutations),
+                permutation_seed: Some(config.permutation_seed),
+                grayscale_probability: Some(config.grayscale_probability),
+                channel_jitter: Some(config.channel_jitter),
+                assembly: Some(config.assembly),
+                ordered_fraction: Some(config.ordered_fraction),
+                cell_gap: Some(config.cell_gap),
+            };
+            assert_eq!(&again.resolve(side).unwrap(), config);
+        }
         let again = JigsawConfigRequest {
             grid: Some(config.grid),
             tile_size: Some(config.tile_size),
