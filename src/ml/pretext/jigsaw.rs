@@ -332,6 +332,14 @@ impl JigsawPermutationSet {
         }
     }
 
+    /// The set without the identity, for puzzles where an image left in
+    /// order is a class of its own.
+    pub fn without_identity(mut self) -> Self {
+        self.permutations
+            .retain(|p| p.iter().enumerate().any(|(i, &k)| i != usize::from(k)));
+        self
+    }
+
     /// Number of tiles per puzzle.
     pub fn tiles(&self) -> i64 {
         self.grid * self.grid
@@ -621,6 +629,10 @@ mod tests {
         let set = JigsawPermutationSet::generate(2, 100, 0);
         assert_eq!(set.permutations.len(), 24);
         assert_eq!(set.minimum_distance(), 2);
+        // Without the identity, every other permutation stays.
+        let moved = set.without_identity();
+        assert_eq!(moved.permutations.len(), 23);
+        assert!(!moved.permutations.contains(&vec![0, 1, 2, 3]));
     }
 
     #[test]

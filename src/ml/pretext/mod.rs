@@ -372,6 +372,8 @@ impl PretextTask {
                     jigsaw.permutation_seed as u64,
                 );
                 if jigsaw.assembly == JigsawAssembly::Image {
+                    // Class 0 is the image in order, never a permutation.
+                    let permutations = permutations.without_identity();
                     return PretextTask::ReassembledJigsaw {
                         head: ReassembledHead::new(
                             p,
