@@ -727,7 +727,7 @@ mod tests {
                 channel_jitter: 0.1,
                 assembly: JigsawAssembly::Image,
                 ordered_fraction: 0.25,
-                cell_gap: 0,
+                cell_gap: 1,
             })
         );
         assert_eq!(config.batch_size, 64);
