@@ -206,7 +206,11 @@ try {
   const finetuneRow = page.locator(`#jobs-table tbody tr[data-id="${finetuneId}"]`);
   await page.locator(`#jobs-table tbody tr[data-id="${finetuneId}"][data-state=succeeded]`).waitFor({ timeout: JOB_TIMEOUT_MS });
   check((await finetuneRow.locator("[role=progressbar]").getAttribute("aria-valuenow")) === "100", "the fine-tuning job succeeds with its progress bar at 100%");
-  await detail.locator(".chart[data-chart=Accuracy] path.line[data-series=val_accuracy]").waitFor();
+  // Attached, not "visible": a validation accuracy that stays at 100 % draws
+  // a flat line, whose empty bounding box Playwright counts as hidden.
+  const valLine = detail.locator(".chart[data-chart=Accuracy] path.line[data-series=val_accuracy]");
+  await valLine.waitFor({ state: "attached" });
+  check(((await valLine.getAttribute("d")) ?? "").includes("L"), "the accuracy chart draws the validation accuracy through its points");
   check((await detail.locator(".chart[data-chart=Loss] circle").count()) >= 5, "the fine-tuning loss curve has its points");
   check((await detail.locator(".badge.state-succeeded").count()) === 1, "the job detail shows the job succeeded");
   await page.evaluate(() => window.scrollTo(0, 0));
