@@ -90,6 +90,7 @@ impl Application {
             job_events,
             shutdown: shutdown.clone(),
             auth: Arc::new(auth),
+            embeddings: Default::default(),
         };
         Ok(Self {
             listener,

@@ -2,11 +2,17 @@
 //! URL and key, and the mapping of every failure (nothing listening, a
 //! problem+json answer, anything else) onto [`CliError`].
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 
+use super::output;
 use super::CliError;
 
 /// Options every client subcommand takes: where the server is, how to
@@ -131,6 +137,45 @@ impl ApiClient {
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         self.send(self.request(Method::DELETE, path)).await?;
         Ok(())
+    }
+
+    /// Streams `GET path` into `out`, with a progress bar, through a
+    /// `.part` file renamed at the end (so an interrupted download leaves no
+    /// truncated `out`); returns the bytes written.
+    pub async fn download(&self, path: &str, out: &Path) -> Result<u64, CliError> {
+        let response = self.send(self.request(Method::GET, path)).await?;
+        let bar = output::byte_bar(response.content_length().unwrap_or(0), "downloading");
+        let mut part_name = out.as_os_str().to_owned();
+        part_name.push(".part");
+        let part = PathBuf::from(part_name);
+        let written = async {
+            let mut file = tokio::fs::File::create(&part)
+                .await
+                .with_context(|| format!("Failed to create {}", part.display()))?;
+            let mut written = 0u64;
+            let mut chunks = response.bytes_stream();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| self.transport_error(e))?;
+                file.write_all(&chunk)
+                    .await
+                    .with_context(|| format!("Failed to write {}", part.display()))?;
+                written += chunk.len() as u64;
+                bar.inc(chunk.len() as u64);
+            }
+            file.flush()
+                .await
+                .with_context(|| format!("Failed to write {}", part.display()))?;
+            tokio::fs::rename(&part, out)
+                .await
+                .with_context(|| format!("Failed to move the download to {}", out.display()))?;
+            Ok::<_, CliError>(written)
+        }
+        .await;
+        bar.finish_and_clear();
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(&part).await;
+        }
+        written
     }
 
     /// A transport failure: nothing listening is told apart from the rest.

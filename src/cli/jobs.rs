@@ -137,17 +137,17 @@ fn parse_kind(name: &str) -> Result<JobKind, String> {
 
 /// A job as the API returns it (the fields shown here).
 #[derive(Debug, Deserialize)]
-struct Job {
-    id: Uuid,
+pub(super) struct Job {
+    pub(super) id: Uuid,
     kind: JobKind,
-    state: JobState,
+    pub(super) state: JobState,
     dataset_id: Option<Uuid>,
     base_model_id: Option<Uuid>,
     config: Value,
     progress: Progress,
     latest_metrics: BTreeMap<String, Option<f64>>,
     model_id: Option<Uuid>,
-    error: Option<String>,
+    pub(super) error: Option<String>,
     attempts: u32,
     max_attempts: u32,
     cancel_requested: bool,
@@ -331,13 +331,7 @@ fn show(job: &Job) {
 /// Follows a job until it ends, with a bar over its steps; prints its model
 /// on success and fails with its error otherwise.
 async fn follow(api: &ApiClient, id: Uuid, json: bool) -> Result<(), CliError> {
-    let bar = output::count_bar(0, "steps");
-    let outcome = tokio::select! {
-        outcome = poll_until_ended(api, id, &bar) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted { id }),
-    };
-    bar.finish_and_clear();
-    let (job, value) = outcome?;
+    let (job, value) = follow_to_end(api, id).await?;
     if json {
         print_json(&value);
     }
@@ -364,6 +358,18 @@ async fn follow(api: &ApiClient, id: Uuid, json: bool) -> Result<(), CliError> {
             reason: job.error,
         }),
     }
+}
+
+/// Follows a job with a bar over its steps until it ends, whichever way;
+/// Ctrl-C stops following (the job goes on).
+pub(super) async fn follow_to_end(api: &ApiClient, id: Uuid) -> Result<(Job, Value), CliError> {
+    let bar = output::count_bar(0, "steps");
+    let outcome = tokio::select! {
+        outcome = poll_until_ended(api, id, &bar) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted { id }),
+    };
+    bar.finish_and_clear();
+    outcome
 }
 
 /// Polls a job once a second, updating `bar`, until it ends.

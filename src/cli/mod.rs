@@ -1,5 +1,6 @@
 //! The command-line client: `pretext datasets`, `train`, `jobs`, `models`,
-//! `classify` and `embed` talk to a running server over its HTTP API, so
+//! `classify`, `embed`, `label`, `search` and `predict` talk to a running
+//! server over its HTTP API, so
 //! everything a `curl` walkthrough does takes one command, with progress bars
 //! for uploads and training.
 //!
@@ -14,6 +15,8 @@
 //!   show, delete.
 //! - `jobs`: `train` (submit, then follow), and list, show, follow, cancel.
 //! - `models`: list, show, delete, download weights; `classify` and `embed`.
+//! - `dataset_jobs`: the labelling loop: `label`, `search`, `predict`, and
+//!   `embed --dataset`.
 //! - `keys`: the operator's API key commands, which use the database
 //!   directly rather than a server.
 //! - `ceiling`: the compute ceiling of a pretraining config on this machine,
@@ -22,6 +25,7 @@
 
 pub mod ceiling;
 mod client;
+mod dataset_jobs;
 mod datasets;
 mod jobs;
 pub mod keys;
@@ -47,8 +51,15 @@ pub enum Command {
     Models(models::ModelsArgs),
     /// Classify images with a classifier model.
     Classify(models::ClassifyArgs),
-    /// Embed images with a model's trunk and write the vectors to a file.
+    /// Embed images (or, with --dataset, every image of a dataset) with a
+    /// model's trunk and write the vectors to a file.
     Embed(models::EmbedArgs),
+    /// Label a dataset's images from a CSV or JSON Lines file.
+    Label(dataset_jobs::LabelArgs),
+    /// Find a dataset's images most similar to one image.
+    Search(dataset_jobs::SearchArgs),
+    /// Classify every image of a dataset and write the predictions locally.
+    Predict(dataset_jobs::PredictArgs),
 }
 
 /// Every way a client command can fail; each maps to an exit code.
@@ -146,6 +157,9 @@ pub async fn run(command: Command) -> i32 {
         Command::Models(args) => models::run(args).await,
         Command::Classify(args) => models::classify(args).await,
         Command::Embed(args) => models::embed(args).await,
+        Command::Label(args) => dataset_jobs::label(args).await,
+        Command::Search(args) => dataset_jobs::search(args).await,
+        Command::Predict(args) => dataset_jobs::predict(args).await,
     };
     match result {
         Ok(()) => 0,

@@ -13,11 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use futures_util::StreamExt;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use super::client::{ApiClient, ClientOptions};
@@ -108,11 +106,16 @@ pub struct EmbedArgs {
     model: Uuid,
     /// The file to write: JSON `{"model_id", "dim", "embeddings": {path:
     /// [...]}}`, or one `{"path", "embedding"}` object per line when the
-    /// name ends in `.jsonl`.
+    /// name ends in `.jsonl`; with --dataset, a float32 `.npy` matrix, one
+    /// row per image in the dataset's order.
     #[arg(long)]
     out: PathBuf,
+    /// Embed every image of this dataset on the server (an embed job, which
+    /// similarity search then uses) instead of local files.
+    #[arg(long, conflicts_with = "images")]
+    dataset: Option<Uuid>,
     /// Image files (PNG, JPEG, GIF, BMP, WebP, TIFF).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "dataset")]
     images: Vec<PathBuf>,
 }
 
@@ -250,47 +253,11 @@ fn show(model: &Model) {
     ]);
 }
 
-/// Streams a model's weights to `out` (through a `.part` file renamed at
-/// the end, so an interrupted download leaves no truncated `out`).
+/// Downloads a model's weights to `out`.
 async fn download(api: &ApiClient, json: bool, id: Uuid, out: &Path) -> Result<(), CliError> {
-    let response = api
-        .send(api.request(Method::GET, &format!("/v1/models/{id}/weights")))
+    let written = api
+        .download(&format!("/v1/models/{id}/weights"), out)
         .await?;
-    let bar = output::byte_bar(response.content_length().unwrap_or(0), "downloading");
-    let mut part_name = out.as_os_str().to_owned();
-    part_name.push(".part");
-    let part = PathBuf::from(part_name);
-    let written = async {
-        let mut file = tokio::fs::File::create(&part)
-            .await
-            .with_context(|| format!("Failed to create {}", part.display()))?;
-        let mut written = 0u64;
-        let mut chunks = response.bytes_stream();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| api.transport_error(e))?;
-            file.write_all(&chunk)
-                .await
-                .with_context(|| format!("Failed to write {}", part.display()))?;
-            written += chunk.len() as u64;
-            bar.inc(chunk.len() as u64);
-        }
-        file.flush()
-            .await
-            .with_context(|| format!("Failed to write {}", part.display()))?;
-        tokio::fs::rename(&part, out)
-            .await
-            .with_context(|| format!("Failed to move the download to {}", out.display()))?;
-        Ok::<_, CliError>(written)
-    }
-    .await;
-    bar.finish_and_clear();
-    let written = match written {
-        Ok(written) => written,
-        Err(error) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(error);
-        }
-    };
     if json {
         print_json(&json!({"model_id": id, "path": out, "bytes": written}));
     } else {
@@ -333,6 +300,10 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), CliError> {
 
 /// Runs `pretext embed`: writes every image's embedding to a file.
 pub async fn embed(args: EmbedArgs) -> Result<(), CliError> {
+    if let Some(dataset) = args.dataset {
+        return super::dataset_jobs::embed_dataset(&args.client, dataset, args.model, &args.out)
+            .await;
+    }
     let api = ApiClient::new(&args.client)?;
     let responses = infer(&api, args.model, "embed", "", &args.images).await?;
     let mut dim = None;

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 use super::decode::{decode_image_file, to_chw_u8};
+use super::labels::LabelSet;
 use super::manifest::Manifest;
 use crate::storage::write_atomic_with;
 
@@ -35,6 +36,24 @@ impl ImageTensorSet {
     /// Whether the set holds no image.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// Takes the classes and per-image labels of `set` (a version of the
+    /// dataset's labels sent after its upload) instead of the archive's.
+    pub fn relabel(&mut self, set: &LabelSet) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            set.labels.len() == self.len(),
+            "the labels cover {} images, the dataset holds {}",
+            set.labels.len(),
+            self.len()
+        );
+        self.labels = set
+            .labels
+            .iter()
+            .map(|label| label.map_or(-1, i64::from))
+            .collect();
+        self.classes = set.classes.clone();
+        Ok(())
     }
 
     /// `[C, S, S]` of one image.

@@ -1,13 +1,18 @@
 //! Images in, tensors out: archive ingestion (with limits and path safety),
 //! decoding and resizing, the on-disk manifest of a dataset, loading a dataset
 //! into a uint8 tensor, stratified splits for few-label training, the order
-//! of the images in training batches, and augmentation.
+//! of the images in training batches, augmentation, label files sent after
+//! the upload, and the `.npy` embeddings of a dataset searched by
+//! similarity.
 
 pub mod archive;
 pub mod augment;
 pub mod batches;
 pub mod content_hash;
 pub mod decode;
+pub mod embeddings;
+pub mod labels;
 pub mod loader;
 pub mod manifest;
+pub mod npy;
 pub mod split;

@@ -25,6 +25,10 @@ pub struct Dataset {
     pub skipped_count: i32,
     pub bytes: i64,
     pub median_side: i32,
+    /// The version of its labels that `labeled`, `classes` and
+    /// `class_counts` describe: 0 for the archive's class folders, then one
+    /// more for every label file sent (`db::label_sets`).
+    pub label_version: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -62,7 +66,7 @@ pub async fn insert_dataset(
                 classes as "classes: Json<Vec<String>>",
                 class_counts as "class_counts: Json<serde_json::Value>",
                 skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
-                median_side, created_at"#,
+                median_side, label_version, created_at"#,
         id,
         name,
         report.num_images as i32,
@@ -92,7 +96,7 @@ pub async fn get_dataset(
                 classes as "classes: Json<Vec<String>>",
                 class_counts as "class_counts: Json<serde_json::Value>",
                 skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
-                median_side, created_at
+                median_side, label_version, created_at
          from datasets where id = $1 and tenant_id = $2"#,
         id,
         tenant_id
@@ -113,7 +117,7 @@ pub async fn list_datasets(
                 classes as "classes: Json<Vec<String>>",
                 class_counts as "class_counts: Json<serde_json::Value>",
                 skipped as "skipped: Json<Vec<SkippedEntryRow>>", skipped_count, bytes,
-                median_side, created_at
+                median_side, label_version, created_at
          from datasets where tenant_id = $2
          order by created_at desc, id desc limit $1"#,
         limit,

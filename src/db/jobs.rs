@@ -25,6 +25,10 @@ pub enum JobKind {
     Finetune,
     /// Measures a model on labelled data.
     Evaluate,
+    /// Computes the embedding of every image of a dataset with a model.
+    Embed,
+    /// Classifies every image of a dataset with a classifier.
+    Predict,
 }
 
 /// Where a job is in its life: the Postgres enum `job_state`.
@@ -41,7 +45,13 @@ pub enum JobState {
 
 impl JobKind {
     /// Every kind, in the order the API lists them.
-    pub const ALL: [JobKind; 3] = [JobKind::Pretrain, JobKind::Finetune, JobKind::Evaluate];
+    pub const ALL: [JobKind; 5] = [
+        JobKind::Pretrain,
+        JobKind::Finetune,
+        JobKind::Evaluate,
+        JobKind::Embed,
+        JobKind::Predict,
+    ];
 
     /// The name in the API and in Postgres.
     pub fn name(self) -> &'static str {
@@ -49,6 +59,8 @@ impl JobKind {
             JobKind::Pretrain => "pretrain",
             JobKind::Finetune => "finetune",
             JobKind::Evaluate => "evaluate",
+            JobKind::Embed => "embed",
+            JobKind::Predict => "predict",
         }
     }
 
@@ -256,6 +268,27 @@ pub async fn get_job(pool: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<O
          from jobs where id = $1 and tenant_id = $2"#,
         id,
         tenant_id
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// The latest embed job that succeeded for `dataset_id` with `model_id`:
+/// whose embeddings similarity search reads.
+pub async fn latest_embed_job(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    dataset_id: Uuid,
+    model_id: Uuid,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar!(
+        "select id from jobs
+         where tenant_id = $1 and dataset_id = $2 and base_model_id = $3
+               and kind = 'embed' and state = 'succeeded'
+         order by finished_at desc limit 1",
+        tenant_id,
+        dataset_id,
+        model_id
     )
     .fetch_optional(pool)
     .await

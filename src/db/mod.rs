@@ -7,6 +7,7 @@ pub mod datasets;
 pub mod job_events;
 pub mod jobs;
 pub mod keys;
+pub mod label_sets;
 pub mod models;
 
 use std::time::Duration;

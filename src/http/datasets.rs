@@ -16,6 +16,7 @@ use super::extract::{media_type, ApiPath, ApiQuery};
 use super::AppState;
 use crate::auth::Tenant;
 use crate::data::archive::{detect_kind, ingest_archive, ArchiveLimits, IngestError};
+use crate::data::manifest::Manifest;
 use crate::db::datasets::{
     delete_dataset, get_dataset, insert_dataset, list_datasets, Dataset, DeleteOutcome,
 };
@@ -281,4 +282,25 @@ pub async fn delete(
              or config.test_dataset_id); cancel the job or wait for it to finish"
         ))),
     }
+}
+
+/// The dataset `id` of `tenant`, or a 404.
+pub async fn tenant_dataset(
+    state: &AppState,
+    tenant: &Tenant,
+    id: Uuid,
+) -> Result<Dataset, ApiError> {
+    get_dataset(&state.pool, tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))
+}
+
+/// The manifest of dataset `id`, fetched from shared storage when needed.
+pub async fn read_manifest(state: &AppState, id: Uuid) -> Result<Manifest, ApiError> {
+    state.storage.fetch_dataset(id).await?;
+    let dataset_dir = state.storage.dataset_dir(id);
+    tokio::task::spawn_blocking(move || Manifest::read(&dataset_dir))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("manifest thread failed: {e}")))?
+        .map_err(ApiError::Internal)
 }

@@ -13,13 +13,12 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::datasets::list_limit;
+use super::datasets::{list_limit, read_manifest, tenant_dataset};
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
+use super::labels::labels_at;
 use super::AppState;
 use crate::auth::Tenant;
-use crate::data::manifest::Manifest;
-use crate::db::datasets::{get_dataset, Dataset};
 
 /// Query of `GET /v1/datasets/{id}/images`.
 #[derive(Debug, Deserialize)]
@@ -80,8 +79,9 @@ pub async fn list(
             ))
         }
     };
-    tenant_dataset(&state, &tenant, id).await?;
+    let dataset = tenant_dataset(&state, &tenant, id).await?;
     let manifest = read_manifest(&state, id).await?;
+    let labels = labels_at(&state, &dataset, &manifest, dataset.label_version).await?;
     let total = manifest.entries.len();
     let images = manifest
         .entries
@@ -92,9 +92,7 @@ pub async fn list(
         .map(|(n, entry)| ImageSummary {
             id: n,
             path: entry.source.clone(),
-            label: entry
-                .label
-                .and_then(|label| manifest.classes.get(label).cloned()),
+            label: labels.class_of(n).map(str::to_string),
         })
         .collect();
     Ok(Json(ImagePage {
@@ -139,26 +137,6 @@ pub async fn get(
         None => stored_image_response(&path).await,
         Some(size) => thumbnail_response(path, size).await,
     }
-}
-
-/// The dataset `id` of `tenant`, or a 404.
-pub async fn tenant_dataset(
-    state: &AppState,
-    tenant: &Tenant,
-    id: Uuid,
-) -> Result<Dataset, ApiError> {
-    get_dataset(&state.pool, tenant.id, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))
-}
-
-async fn read_manifest(state: &AppState, id: Uuid) -> Result<Manifest, ApiError> {
-    state.storage.fetch_dataset(id).await?;
-    let dataset_dir = state.storage.dataset_dir(id);
-    tokio::task::spawn_blocking(move || Manifest::read(&dataset_dir))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("manifest thread failed: {e}")))?
-        .map_err(ApiError::Internal)
 }
 
 /// Where the `n`-th image (archive order) of dataset `id` is stored.

@@ -1,8 +1,11 @@
-//! `/v1/jobs`: submitting pretrain and finetune jobs (config validated and
-//! completed with defaults up front), reading, listing, cancelling, metrics.
+//! `/v1/jobs`: submitting jobs of every kind (config validated and completed
+//! with defaults up front), reading, listing, cancelling, metrics, reports,
+//! and the files embed and predict jobs leave.
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -19,11 +22,13 @@ use crate::db::jobs::{
 };
 use crate::db::models::{get_model, Model};
 use crate::jobs::config::{
-    DefaultsFrom, EvaluateConfigRequest, FinetuneConfigRequest, PretrainConfigRequest,
+    DefaultsFrom, EmbedConfigRequest, EvaluateConfigRequest, FinetuneConfigRequest,
+    PredictConfigRequest, PretrainConfigRequest,
 };
 use crate::jobs::spec::JobSpec;
 use crate::ml::backbone::Backbone;
 use crate::ml::classifier::Transfer;
+use crate::ml::training::JobOutputs;
 use crate::validation::parse_config_object;
 
 /// Body of `POST /v1/jobs`.
@@ -90,6 +95,23 @@ async fn labelled_dataset(
     Ok(dataset)
 }
 
+/// The version of `dataset`'s labels a job uses: the one asked for, which
+/// the dataset must have, else its latest.
+fn chosen_label_version(requested: Option<i64>, dataset: &Dataset) -> Result<i64, ApiError> {
+    let latest = i64::from(dataset.label_version);
+    match requested {
+        None => Ok(latest),
+        Some(version) if version <= latest => Ok(version),
+        Some(version) => Err(ApiError::field(
+            "config.label_version",
+            format!(
+                "dataset {} has label versions 0 to {latest} (got {version}); omit it for the latest",
+                dataset.id
+            ),
+        )),
+    }
+}
+
 async fn pretrain_config(
     state: &AppState,
     tenant: &Tenant,
@@ -126,7 +148,7 @@ async fn finetune_config(
     if !dataset.labeled {
         return Err(ApiError::field(
             "dataset_id",
-            "the dataset is unlabelled; fine-tuning needs an archive with one folder per class",
+            "the dataset is unlabelled; fine-tuning needs labels: upload an archive with one folder per class, or send labels with PUT /v1/datasets/{id}/labels",
         ));
     }
     let base_spec = match base {
@@ -159,6 +181,7 @@ async fn finetune_config(
         }
         None => {}
     }
+    config.label_version = Some(chosen_label_version(config.label_version, dataset)?);
     Ok(JobSpec::Finetune(config))
 }
 
@@ -178,12 +201,13 @@ async fn evaluate_config(
     if !dataset.labeled {
         return Err(ApiError::field(
             "dataset_id",
-            "the dataset is unlabelled; evaluation needs an archive with one folder per class",
+            "the dataset is unlabelled; evaluation needs labels: upload an archive with one folder per class, or send labels with PUT /v1/datasets/{id}/labels",
         ));
     }
-    let config = parse_config::<EvaluateConfigRequest>(config)?
+    let mut config = parse_config::<EvaluateConfigRequest>(config)?
         .resolve()
         .map_err(ApiError::fields)?;
+    config.label_version = Some(chosen_label_version(config.label_version, dataset)?);
     if config.test_dataset_id == Some(dataset.id) {
         return Err(ApiError::field(
             "config.test_dataset_id",
@@ -196,6 +220,52 @@ async fn evaluate_config(
         labelled_dataset(state, tenant, id, "config.test_dataset_id").await?;
     }
     Ok(JobSpec::Evaluate(config))
+}
+
+/// An embed job: any model (a classifier embeds with its trunk).
+fn embed_config(
+    base: Option<&Model>,
+    config: Option<serde_json::Value>,
+) -> Result<JobSpec, ApiError> {
+    if base.is_none() {
+        return Err(ApiError::field(
+            "base_model_id",
+            "name the model whose embeddings to compute (an encoder or a classifier)",
+        ));
+    }
+    let config = parse_config::<EmbedConfigRequest>(config)?
+        .resolve()
+        .map_err(ApiError::fields)?;
+    Ok(JobSpec::Embed(config))
+}
+
+/// A predict job: a classifier's classes for every image.
+fn predict_config(
+    base: Option<&Model>,
+    config: Option<serde_json::Value>,
+) -> Result<JobSpec, ApiError> {
+    match base {
+        None => {
+            return Err(ApiError::field(
+                "base_model_id",
+                "name the classifier to predict with",
+            ))
+        }
+        Some(model) if model.kind != "classifier" => {
+            return Err(ApiError::field(
+                "base_model_id",
+                format!(
+                    "model {} is an encoder and has no classes; fine-tune it (kind finetune) and predict with the resulting classifier",
+                    model.id
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
+    let config = parse_config::<PredictConfigRequest>(config)?
+        .resolve()
+        .map_err(ApiError::fields)?;
+    Ok(JobSpec::Predict(config))
 }
 
 fn model_backbone(model: &Model) -> Result<Backbone, ApiError> {
@@ -247,6 +317,8 @@ pub async fn create(
         JobKind::Evaluate => {
             evaluate_config(&state, &tenant, &dataset, base.as_ref(), request.config).await?
         }
+        JobKind::Embed => embed_config(base.as_ref(), request.config)?,
+        JobKind::Predict => predict_config(base.as_ref(), request.config)?,
     };
     let job = insert_job(
         &state.pool,
@@ -379,13 +451,14 @@ pub async fn report(
             (JobKind::Pretrain, JobState::Succeeded) => "this pretrain job had no config.eval_dataset_id, so nothing was evaluated; submit an evaluate job".to_string(),
             (JobKind::Pretrain, state) => format!("the job is {state}; a report appears when it succeeds with config.eval_dataset_id"),
             (JobKind::Finetune, _) => "fine-tuning jobs have no report; their metrics are on the model".to_string(),
+            (JobKind::Embed | JobKind::Predict, state) => format!("the job is {state}; its report lists the files it wrote once it succeeds"),
         };
         return Err(ApiError::Conflict(why));
     };
-    let model_id = if job.kind == JobKind::Evaluate {
-        job.base_model_id
-    } else {
-        job.model_id
+    // The model the report is about: the one evaluated or run, else the one trained.
+    let model_id = match job.kind {
+        JobKind::Evaluate | JobKind::Embed | JobKind::Predict => job.base_model_id,
+        JobKind::Pretrain | JobKind::Finetune => job.model_id,
     };
     let mut body = report.0;
     if let Some(object) = body.as_object_mut() {
@@ -394,4 +467,75 @@ pub async fn report(
         object.insert("dataset_id".into(), serde_json::json!(job.dataset_id));
     }
     Ok(Json(body))
+}
+
+/// `GET /v1/jobs/{id}/outputs/{name}`: one file an embed or predict job wrote.
+pub async fn output(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPath((id, name)): ApiPath<(Uuid, String)>,
+) -> Result<Response, ApiError> {
+    let job = get_job(&state.pool, tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
+    let outputs = job_outputs(&job)?;
+    let file = outputs
+        .files
+        .iter()
+        .find(|file| file.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = outputs.files.iter().map(|f| f.name.as_str()).collect();
+            ApiError::NotFound(format!(
+                "job {id} wrote no file `{name}`; it wrote {}",
+                names.join(", ")
+            ))
+        })?;
+    if !state.storage.fetch_job_output(id, &file.name).await? {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "job {id}'s output {} is missing from storage",
+            file.name
+        )));
+    }
+    let path = state.storage.job_outputs_dir(id).join(&file.name);
+    let body = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError::Internal(
+            anyhow::Error::new(e).context(format!("Failed to open {}", path.display())),
+        )
+    })?;
+    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = file.media_type.parse() {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    if let Ok(value) = format!("attachment; filename=\"{}\"", file.name).parse() {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, file.bytes.into());
+    Ok(response)
+}
+
+/// The files a succeeded embed or predict job wrote, or why there are none.
+pub fn job_outputs(job: &Job) -> Result<JobOutputs, ApiError> {
+    if !matches!(job.kind, JobKind::Embed | JobKind::Predict) {
+        return Err(ApiError::NotFound(format!(
+            "job {} is a {} job; only embed and predict jobs write files",
+            job.id, job.kind
+        )));
+    }
+    let Some(report) = job
+        .report
+        .as_ref()
+        .filter(|_| job.state == JobState::Succeeded)
+    else {
+        return Err(ApiError::Conflict(format!(
+            "job {} is {}; its files can be downloaded once it succeeds",
+            job.id, job.state
+        )));
+    };
+    serde_json::from_value(report.0.clone()).map_err(|e| {
+        ApiError::Internal(anyhow::anyhow!(
+            "job {}'s report is unreadable: {e}",
+            job.id
+        ))
+    })
 }

@@ -10,9 +10,11 @@ pub mod extract;
 pub mod health;
 pub mod images;
 pub mod jobs;
+pub mod labels;
 pub mod metrics;
 pub mod models;
 pub mod samples;
+pub mod search;
 
 use std::sync::Arc;
 
@@ -47,6 +49,8 @@ pub struct AppState {
     pub job_events: JobEvents,
     /// Authentication and rate limiting of `/v1`.
     pub auth: Arc<Auth>,
+    /// Dataset embeddings read for similarity search.
+    pub embeddings: search::EmbeddingCache,
 }
 
 /// The `/v1` gate's part of the state.
@@ -81,13 +85,24 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/datasets/{id}/samples/{n}", get(samples::sample))
         .route("/v1/datasets/{id}/images", get(images::list))
+        .route(
+            "/v1/datasets/{id}/labels",
+            get(labels::get)
+                .put(labels::put)
+                .layer(DefaultBodyLimit::max(labels::MAX_LABEL_FILE_BYTES)),
+        )
         .route("/v1/datasets/{id}/images/{image_id}", get(images::get))
+        .route(
+            "/v1/datasets/{id}/search",
+            post(search::search).layer(inference_limit),
+        )
         .route("/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
         .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/v1/jobs/{id}/events", get(events::stream))
+        .route("/v1/jobs/{id}/outputs/{name}", get(jobs::output))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get).delete(models::delete))
         .route("/v1/models/{id}/weights", get(models::weights))

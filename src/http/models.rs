@@ -20,7 +20,7 @@ use crate::auth::Tenant;
 use crate::data::decode::{decode_image, to_chw_u8};
 use crate::db::datasets::DeleteOutcome;
 use crate::db::models::{delete_model, get_model, list_models, Model};
-use crate::ml::description::ModelDescription;
+use crate::ml::description::{stored_description, ModelDescription};
 use crate::ml::inference::{InferenceError, InferenceOutput, InferenceTask, ModelHandle};
 use crate::ml::training::InputSpec;
 
@@ -32,7 +32,11 @@ pub struct ModelListParams {
     pub limit: Option<i64>,
 }
 
-async fn find_model(state: &AppState, tenant: &Tenant, id: Uuid) -> Result<Model, ApiError> {
+pub(super) async fn find_model(
+    state: &AppState,
+    tenant: &Tenant,
+    id: Uuid,
+) -> Result<Model, ApiError> {
     get_model(&state.pool, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no model with id {id}")))
@@ -67,18 +71,7 @@ pub async fn list(
 /// The model's `model.json`, or for a model stored before descriptions
 /// were written, its description from the database row.
 async fn describe(state: &AppState, model: &Model) -> Result<ModelDescription, ApiError> {
-    state.storage.fetch_model(model.id).await?;
-    let path = state.storage.model_description(model.id);
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes)
-            .with_context(|| format!("Failed to parse {}", path.display()))?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(ModelDescription::from_record(model.record()))
-        }
-        Err(e) => Err(ApiError::Internal(
-            anyhow::Error::new(e).context(format!("Failed to read {}", path.display())),
-        )),
-    }
+    Ok(stored_description(&state.storage, model.id, model.record()).await?)
 }
 
 /// `GET /v1/models/{id}`: the model's row and its description.
@@ -202,7 +195,7 @@ async fn prepare_images(
 
 /// Runs `task` on the request's images; returns the model's description
 /// (which the network was built from) with the outputs.
-async fn infer(
+pub(super) async fn infer(
     state: &AppState,
     model: &Model,
     task: InferenceTask,
@@ -211,21 +204,7 @@ async fn infer(
     let arrival = state.inference.announce().map_err(inference_error)?;
     let description = describe(state, model).await?;
     let images = prepare_images(state, &description.input, request).await?;
-    let backbone = description.backbone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "model {} has unknown backbone {}",
-            model.id,
-            description.backbone
-        )
-    })?;
-    let handle = ModelHandle {
-        id: model.id,
-        backbone,
-        num_classes: description.num_classes(),
-        vote: description.vote,
-        input: description.input.clone(),
-        weights: state.storage.model_weights(model.id),
-    };
+    let handle = ModelHandle::of(&description, state.storage.model_weights(model.id))?;
     let output = state
         .inference
         .run(handle, task, images, arrival)

@@ -6,9 +6,10 @@ use axum::extract::State;
 use axum::response::Response;
 use uuid::Uuid;
 
+use super::datasets::tenant_dataset;
 use super::error::ApiError;
 use super::extract::ApiPath;
-use super::images::{stored_image_path, stored_image_response, tenant_dataset};
+use super::images::{stored_image_path, stored_image_response};
 use super::AppState;
 use crate::auth::Tenant;
 

@@ -279,6 +279,7 @@ pub struct FinetuneConfigRequest {
     pub val_fraction: Option<f64>,
     pub augment: Option<bool>,
     pub seed: Option<i64>,
+    pub label_version: Option<i64>,
     pub checkpoint_interval_secs: Option<i64>,
     pub max_steps: Option<i64>,
     pub unlabelled_dataset_id: Option<uuid::Uuid>,
@@ -319,6 +320,11 @@ pub struct FinetuneConfig {
     /// unused ones (by default the base model's pretraining dataset).
     #[serde(default)]
     pub unlabelled_dataset_id: Option<uuid::Uuid>,
+    /// The version of the dataset's labels used: filled in at submission
+    /// (the latest unless given); absent in jobs stored before label
+    /// versions, which read the archive's (version 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_version: Option<i64>,
     /// Self-training's choice of pseudo-labels (at the top level of the JSON).
     #[serde(flatten)]
     pub pseudo: PseudoLabelling,
@@ -388,6 +394,7 @@ impl FinetuneConfigRequest {
             self.pseudo_label_threshold,
             self.max_unlabelled,
         );
+        let label_version = resolve_label_version(&mut c, self.label_version);
         c.finish(FinetuneConfig {
             backbone,
             image_size,
@@ -407,6 +414,7 @@ impl FinetuneConfigRequest {
             checkpoint_interval_secs,
             max_steps,
             unlabelled_dataset_id: self.unlabelled_dataset_id,
+            label_version,
             pseudo,
         })
     }
@@ -557,6 +565,7 @@ pub struct EvaluateConfigRequest {
     pub trunk_lr_scale: Option<f64>,
     pub weight_decay: Option<f64>,
     pub seed: Option<i64>,
+    pub label_version: Option<i64>,
     pub pseudo_labels_per_class: Option<i64>,
     pub pseudo_label_threshold: Option<f64>,
     pub max_unlabelled: Option<i64>,
@@ -589,6 +598,11 @@ pub struct EvaluateConfig {
     pub trunk_lr_scale: f64,
     pub weight_decay: f64,
     pub seed: i64,
+    /// The version of the dataset's labels used: filled in at submission
+    /// (the latest unless given); absent in jobs stored before label
+    /// versions, which read the archive's (version 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_version: Option<i64>,
     /// Self-training's choice of pseudo-labels among the training images
     /// left out of a budget (at the top level of the JSON).
     #[serde(flatten)]
@@ -647,6 +661,7 @@ impl EvaluateConfigRequest {
             self.pseudo_label_threshold,
             self.max_unlabelled,
         );
+        let label_version = resolve_label_version(&mut c, self.label_version);
         c.finish(EvaluateConfig {
             protocol,
             test_dataset_id: self.test_dataset_id,
@@ -662,8 +677,84 @@ impl EvaluateConfigRequest {
             trunk_lr_scale,
             weight_decay,
             seed,
+            label_version,
             pseudo,
         })
+    }
+}
+
+/// A `label_version` as sent, checked to be a version number; whether the
+/// dataset has it is checked where the dataset is known.
+fn resolve_label_version(c: &mut FieldChecker, version: Option<i64>) -> Option<i64> {
+    version.map(|v| c.int("label_version", Some(v), 0, 0, i64::from(i32::MAX)))
+}
+
+/// Images per forward pass of embed and predict jobs, unless told otherwise.
+const DEFAULT_INFERENCE_BATCH: i64 = 256;
+
+/// `config` of an embed job as sent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfigRequest {
+    pub batch_size: Option<i64>,
+}
+
+/// An embed job's configuration, every default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbedConfig {
+    /// Images per forward pass.
+    pub batch_size: i64,
+}
+
+impl EmbedConfigRequest {
+    /// Fills defaults and validates.
+    pub fn resolve(self) -> Result<EmbedConfig, Vec<FieldError>> {
+        let mut c = FieldChecker::new();
+        let batch_size = c.int(
+            "batch_size",
+            self.batch_size,
+            DEFAULT_INFERENCE_BATCH,
+            1,
+            4096,
+        );
+        c.finish(EmbedConfig { batch_size })
+    }
+}
+
+/// Most classes a prediction lists per image.
+pub const MAX_TOP_K: i64 = 100;
+
+/// `config` of a predict job as sent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictConfigRequest {
+    pub batch_size: Option<i64>,
+    pub top_k: Option<i64>,
+}
+
+/// A predict job's configuration, every default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PredictConfig {
+    /// Images per forward pass.
+    pub batch_size: i64,
+    /// Classes listed per image, most probable first (at most the
+    /// classifier's number of classes).
+    pub top_k: i64,
+}
+
+impl PredictConfigRequest {
+    /// Fills defaults and validates.
+    pub fn resolve(self) -> Result<PredictConfig, Vec<FieldError>> {
+        let mut c = FieldChecker::new();
+        let batch_size = c.int(
+            "batch_size",
+            self.batch_size,
+            DEFAULT_INFERENCE_BATCH,
+            1,
+            4096,
+        );
+        let top_k = c.int("top_k", self.top_k, 5, 1, MAX_TOP_K);
+        c.finish(PredictConfig { batch_size, top_k })
     }
 }
 

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::db::jobs::{notify_workers, Job, JobKind, JobState, Progress};
 use crate::db::models::insert_model;
 use crate::ml::description::ModelDescription;
-use crate::ml::training::EvaluationReport;
+use crate::ml::training::{EvaluationReport, JobOutputs};
 
 /// Claims the oldest queued job for `owner`, or returns `None`.
 pub async fn claim_next_job(
@@ -235,6 +235,30 @@ pub async fn finish_evaluated(
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// Marks an embed or predict job succeeded with the description of its
+/// files as its report; fenced on the lease (`false`, nothing written, if
+/// it was lost).
+pub async fn finish_with_outputs(
+    pool: &PgPool,
+    job: &Job,
+    owner: Uuid,
+    outputs: &JobOutputs,
+    progress: Progress,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query!(
+        "update jobs set state = 'succeeded', progress = $3, finished_at = now(),
+             lease_owner = null, lease_expires_at = null, error = null, report = $4
+         where id = $1 and lease_owner = $2 and state = 'running'",
+        job.id,
+        owner,
+        Json(progress) as _,
+        Json(outputs) as _
+    )
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
 }
 
 /// How a job ended other than with success.

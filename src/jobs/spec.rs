@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::config::{EvaluateConfig, FinetuneConfig, PretrainConfig};
+use super::config::{EmbedConfig, EvaluateConfig, FinetuneConfig, PredictConfig, PretrainConfig};
 use crate::db::jobs::{Job, JobKind};
 
 /// What a job runs, one variant per [`JobKind`], every default filled in.
@@ -15,6 +15,8 @@ pub enum JobSpec {
     Pretrain(PretrainConfig),
     Finetune(FinetuneConfig),
     Evaluate(EvaluateConfig),
+    Embed(EmbedConfig),
+    Predict(PredictConfig),
 }
 
 impl JobSpec {
@@ -37,6 +39,8 @@ impl JobSpec {
             JobSpec::Pretrain(_) => JobKind::Pretrain,
             JobSpec::Finetune(_) => JobKind::Finetune,
             JobSpec::Evaluate(_) => JobKind::Evaluate,
+            JobSpec::Embed(_) => JobKind::Embed,
+            JobSpec::Predict(_) => JobKind::Predict,
         }
     }
 
@@ -46,6 +50,8 @@ impl JobSpec {
             JobSpec::Pretrain(config) => serde_json::to_value(config),
             JobSpec::Finetune(config) => serde_json::to_value(config),
             JobSpec::Evaluate(config) => serde_json::to_value(config),
+            JobSpec::Embed(config) => serde_json::to_value(config),
+            JobSpec::Predict(config) => serde_json::to_value(config),
         };
         value.expect("a job config serialises: its fields are plain data")
     }
@@ -56,15 +62,19 @@ impl JobSpec {
             JobSpec::Pretrain(config) => config.epochs,
             JobSpec::Finetune(config) => config.epochs,
             JobSpec::Evaluate(config) => config.epochs,
+            // One pass over the dataset.
+            JobSpec::Embed(_) | JobSpec::Predict(_) => 1,
         }
     }
 
-    /// Images per training step.
+    /// Images per training step (per forward pass for embed and predict jobs).
     pub fn batch_size(&self) -> i64 {
         match self {
             JobSpec::Pretrain(config) => config.batch_size,
             JobSpec::Finetune(config) => config.batch_size,
             JobSpec::Evaluate(config) => config.batch_size,
+            JobSpec::Embed(config) => config.batch_size,
+            JobSpec::Predict(config) => config.batch_size,
         }
     }
 
@@ -75,6 +85,7 @@ impl JobSpec {
             JobSpec::Pretrain(config) => config.eval_dataset_id,
             JobSpec::Finetune(config) => config.unlabelled_dataset_id,
             JobSpec::Evaluate(config) => config.test_dataset_id,
+            JobSpec::Embed(_) | JobSpec::Predict(_) => None,
         }
     }
 }

@@ -20,25 +20,30 @@ use uuid::Uuid;
 
 use super::config::{FrozenProbeSettings, DEFAULT_TEST_FRACTION};
 use super::queue::{
-    claim_next_job, finish_evaluated, finish_job, finish_succeeded, record_progress, renew_lease,
-    requeue_expired_leases, JobEnd, LeaseStatus,
+    claim_next_job, finish_evaluated, finish_job, finish_succeeded, finish_with_outputs,
+    record_progress, renew_lease, requeue_expired_leases, JobEnd, LeaseStatus,
 };
 use super::spec::JobSpec;
 use crate::data::content_hash::dataset_content_hash;
+use crate::data::labels::LabelSet;
 use crate::db::datasets::{get_dataset, Dataset};
 use crate::db::jobs::{Job, Progress, JOBS_CHANNEL};
+use crate::db::label_sets::get_label_set;
 use crate::db::models::{get_model, Model};
 use crate::ml::backbone::Backbone;
+use crate::ml::dataset_inference::{run_embed, run_predict, DatasetPass};
 use crate::ml::description::{
-    JobOrigin, ModelDescription, DESCRIPTION_FORMAT, LIBTORCH_VERSION, TCH_VERSION,
+    stored_description, JobOrigin, ModelDescription, DESCRIPTION_FORMAT, LIBTORCH_VERSION,
+    TCH_VERSION,
 };
 use crate::ml::device::device_name;
 use crate::ml::evaluate::{run_evaluation, EncoderSource, EvaluationData};
 use crate::ml::finetune::{run_finetune, BaseEncoder, FinetuneDatasets};
+use crate::ml::inference::ModelHandle;
 use crate::ml::pretrain::run_pretrain;
 use crate::ml::training::{
-    is_permanent, EvaluationReport, ModelArtifact, PermanentError, StopReason, StopSignal,
-    TrainingContext, TrainingEvent, TrainingOutcome,
+    is_permanent, EvaluationReport, JobOutputs, ModelArtifact, PermanentError, StopReason,
+    StopSignal, TrainingContext, TrainingEvent, TrainingOutcome,
 };
 use crate::storage::{write_atomic, Storage};
 
@@ -56,6 +61,10 @@ struct Prepared {
     spec: JobSpec,
     dataset: Dataset,
     base: Option<Model>,
+    /// The base model as an embed or predict job runs it, with its classes.
+    dataset_model: Option<(ModelHandle, Vec<String>)>,
+    /// The dataset's labels sent after its upload that the job uses.
+    labels: Option<LabelSet>,
     /// Labelled images to evaluate on (evaluate jobs; pretrain jobs that name one).
     evaluation: Option<EvaluationData>,
 }
@@ -88,6 +97,13 @@ struct Assignment {
     unlabelled_dir: Option<PathBuf>,
     /// The base model's backbone, weights and input, for jobs that start from one.
     base: Option<(Model, PathBuf)>,
+    /// The base model as an embed or predict job runs it, with its classes.
+    dataset_model: Option<(ModelHandle, Vec<String>)>,
+    /// Where an embed or predict job writes its files.
+    outputs_dir: PathBuf,
+    /// The dataset's labels sent after its upload that the job uses
+    /// (finetune, embed, predict); without them, the archive's.
+    labels: Option<LabelSet>,
     evaluation: Option<EvaluationData>,
     reply: oneshot::Sender<anyhow::Result<TrainingOutcome>>,
 }
@@ -139,6 +155,7 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                 labelled: &assignment.dataset_dir,
                 channels: assignment.channels,
                 unlabelled: assignment.unlabelled_dir.as_deref(),
+                labels: assignment.labels.as_ref(),
             };
             run_finetune(ctx, config, &datasets, base)
         }
@@ -158,6 +175,32 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
                 .ok_or_else(|| anyhow::anyhow!("evaluation data missing"))?;
             run_evaluation(ctx, &source, evaluation, config)
         }
+        JobSpec::Embed(config) => {
+            let (model, _) = dataset_model(assignment)?;
+            run_embed(ctx, &dataset_pass(assignment, model), config)
+        }
+        JobSpec::Predict(config) => {
+            let (model, classes) = dataset_model(assignment)?;
+            run_predict(ctx, &dataset_pass(assignment, model), classes, config)
+        }
+    }
+}
+
+/// The model an embed or predict job runs, with its classes.
+fn dataset_model(assignment: &Assignment) -> anyhow::Result<(&ModelHandle, &[String])> {
+    let (model, classes) = assignment
+        .dataset_model
+        .as_ref()
+        .ok_or_else(|| PermanentError("the job needs base_model_id".into()))?;
+    Ok((model, classes))
+}
+
+fn dataset_pass<'a>(assignment: &'a Assignment, model: &'a ModelHandle) -> DatasetPass<'a> {
+    DatasetPass {
+        model,
+        dataset_dir: &assignment.dataset_dir,
+        outputs_dir: &assignment.outputs_dir,
+        labels: assignment.labels.as_ref(),
     }
 }
 
@@ -308,12 +351,60 @@ impl Worker {
             Ok(evaluation) => evaluation,
             Err(reason) => return Ok(Err(JobEnd::Failed(reason))),
         };
+        let label_version = match &spec {
+            JobSpec::Finetune(config) => config.label_version.unwrap_or(0),
+            JobSpec::Embed(_) | JobSpec::Predict(_) => i64::from(dataset.label_version),
+            JobSpec::Pretrain(_) | JobSpec::Evaluate(_) => 0,
+        };
+        let labels = match self.label_set(&dataset, label_version).await? {
+            Ok(labels) => labels,
+            Err(reason) => return Ok(Err(JobEnd::Failed(reason))),
+        };
+        let dataset_model = match (&spec, &base) {
+            (JobSpec::Embed(_) | JobSpec::Predict(_), Some(model)) => {
+                match self.dataset_model(model).await {
+                    Ok(found) => Some(found),
+                    Err(error) => return Ok(Err(JobEnd::Retryable(format!("{error:#}")))),
+                }
+            }
+            _ => None,
+        };
         Ok(Ok(Prepared {
             spec,
             dataset,
             base,
+            dataset_model,
+            labels,
             evaluation,
         }))
+    }
+
+    /// Version `version` of a dataset's labels, when it is one sent after
+    /// the upload (`None` for the archive's, version 0); `Err` says why a
+    /// job cannot have it.
+    async fn label_set(
+        &self,
+        dataset: &Dataset,
+        version: i64,
+    ) -> anyhow::Result<Result<Option<LabelSet>, String>> {
+        if version == 0 {
+            return Ok(Ok(None));
+        }
+        let found = get_label_set(&self.pool, dataset.id, version as i32).await?;
+        Ok(found.map(Some).ok_or_else(|| {
+            format!(
+                "version {version} of dataset {}'s labels is missing",
+                dataset.id
+            )
+        }))
+    }
+
+    /// A stored model as an embed or predict job runs it, with its classes.
+    async fn dataset_model(&self, model: &Model) -> anyhow::Result<(ModelHandle, Vec<String>)> {
+        let description = stored_description(&self.storage, model.id, model.record()).await?;
+        let weights = self.storage.model_weights(model.id);
+        let handle = ModelHandle::of(&description, weights)?;
+        Ok((handle, description.classes))
     }
 
     /// Hands the job to the training thread and, while it trains, records
@@ -346,6 +437,9 @@ impl Worker {
                 _ => None,
             },
             channels: prepared.dataset.channels as u8,
+            dataset_model: prepared.dataset_model,
+            labels: prepared.labels,
+            outputs_dir: self.storage.job_outputs_dir(job.id),
             base: prepared.base.map(|model| {
                 let weights = self.storage.model_weights(model.id);
                 (model, weights)
@@ -475,6 +569,9 @@ impl Worker {
                     tracing::info!(job_id = %job.id, "evaluation succeeded");
                 }
             }
+            Ok(TrainingOutcome::Wrote(outputs)) => {
+                self.settle_outputs(job, &outputs, done).await?;
+            }
             Ok(TrainingOutcome::Stopped(StopReason::Cancel)) => {
                 finish_job(&self.pool, job.id, self.id, &JobEnd::Cancelled).await?;
                 self.storage.remove_checkpoint(job.id).await?;
@@ -487,8 +584,32 @@ impl Worker {
             Err(error) => {
                 let end = describe_failure(&error, spec);
                 tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "job failed");
+                // A file written before the failure is not served.
+                self.storage.remove_job_outputs(job.id).await?;
                 finish_job(&self.pool, job.id, self.id, &end).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Shares the files an embed or predict job wrote and records them as
+    /// its report; retried when they cannot be shared.
+    async fn settle_outputs(
+        &self,
+        job: &Job,
+        outputs: &JobOutputs,
+        done: Progress,
+    ) -> anyhow::Result<()> {
+        let names: Vec<String> = outputs.files.iter().map(|f| f.name.clone()).collect();
+        if let Err(error) = self.storage.publish_job_outputs(job.id, &names).await {
+            tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "outputs not published");
+            self.storage.remove_job_outputs(job.id).await?;
+            let end = JobEnd::Retryable(format!("{error:#}"));
+            finish_job(&self.pool, job.id, self.id, &end).await?;
+            return Ok(());
+        }
+        if finish_with_outputs(&self.pool, job, self.id, outputs, done).await? {
+            tracing::info!(job_id = %job.id, images = outputs.images, "outputs written");
         }
         Ok(())
     }
@@ -685,28 +806,37 @@ impl Worker {
         spec: &JobSpec,
         dataset: &Dataset,
     ) -> anyhow::Result<Result<Option<EvaluationData>, String>> {
-        let data = |dataset_dir, test_dataset_dir, test_fraction, seed, probes| EvaluationData {
-            dataset_dir,
-            test_dataset_dir,
-            test_fraction,
-            seed,
-            max_image_pixels: self.settings.max_image_pixels,
-            probes,
-        };
+        let data =
+            |dataset_dir, test_dataset_dir, test_fraction, seed, probes, labels| EvaluationData {
+                dataset_dir,
+                test_dataset_dir,
+                test_fraction,
+                seed,
+                max_image_pixels: self.settings.max_image_pixels,
+                probes,
+                labels,
+            };
         match spec {
             JobSpec::Pretrain(config) => {
                 let Some(id) = config.eval_dataset_id else {
                     return Ok(Ok(None));
                 };
-                if get_dataset(&self.pool, job.tenant_id, id).await?.is_none() {
+                let Some(eval_dataset) = get_dataset(&self.pool, job.tenant_id, id).await? else {
                     return Ok(Err(format!("the evaluation dataset {id} was deleted")));
-                }
+                };
+                // Its latest labels, whichever way they came.
+                let version = i64::from(eval_dataset.label_version);
+                let labels = match self.label_set(&eval_dataset, version).await? {
+                    Ok(labels) => labels,
+                    Err(reason) => return Ok(Err(reason)),
+                };
                 Ok(Ok(Some(data(
                     self.storage.dataset_dir(id),
                     None,
                     DEFAULT_TEST_FRACTION,
                     config.seed,
                     FrozenProbeSettings::default(),
+                    labels,
                 ))))
             }
             JobSpec::Evaluate(config) => {
@@ -719,15 +849,23 @@ impl Worker {
                     }
                     None => None,
                 };
+                let labels = match self
+                    .label_set(dataset, config.label_version.unwrap_or(0))
+                    .await?
+                {
+                    Ok(labels) => labels,
+                    Err(reason) => return Ok(Err(reason)),
+                };
                 Ok(Ok(Some(data(
                     self.storage.dataset_dir(dataset.id),
                     test_dir,
                     config.test_fraction,
                     config.seed,
                     config.probes,
+                    labels,
                 ))))
             }
-            JobSpec::Finetune(_) => Ok(Ok(None)),
+            JobSpec::Finetune(_) | JobSpec::Embed(_) | JobSpec::Predict(_) => Ok(Ok(None)),
         }
     }
 

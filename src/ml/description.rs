@@ -130,6 +130,27 @@ impl ModelDescription {
     }
 }
 
+/// The description of stored model `id`: its `model.json`, fetched from
+/// shared storage when needed, or for a model stored before descriptions
+/// were written, the one its database row (`record`) gives.
+pub async fn stored_description(
+    storage: &crate::storage::Storage,
+    id: uuid::Uuid,
+    record: ModelRecord<'_>,
+) -> anyhow::Result<ModelDescription> {
+    use anyhow::Context;
+    storage.fetch_model(id).await?;
+    let path = storage.model_description(id);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("Failed to parse {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(ModelDescription::from_record(record))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("Failed to read {}", path.display()))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ use super::transfer::{
     choose_transfer, trunk_features, NeighbourBank, TransferModel, TransferSetup, AUTO_FOLDS,
 };
 use crate::data::batches::epoch_order;
+use crate::data::labels::LabelSet;
 use crate::data::loader::{load_image_set, normalise, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::{EvaluateConfig, FrozenProbeSettings, Protocol};
@@ -41,6 +42,8 @@ pub struct EvaluationData {
     pub seed: i64,
     pub max_image_pixels: u64,
     pub probes: FrozenProbeSettings,
+    /// The labels sent after the dataset's upload to use, instead of the archive's.
+    pub labels: Option<LabelSet>,
 }
 
 /// Which frozen-embedding protocols to run.
@@ -70,6 +73,9 @@ pub fn load_split(evaluation: &EvaluationData, input: &InputSpec) -> anyhow::Res
         .map_err(|e| PermanentError(format!("the evaluation dataset could not be loaded: {e:#}")))
     };
     let mut data = load(&evaluation.dataset_dir)?;
+    if let Some(labels) = &evaluation.labels {
+        data.relabel(labels)?;
+    }
     if data.classes.is_empty() {
         return Err(PermanentError("the evaluation dataset has no labels".into()).into());
     }

@@ -25,6 +25,7 @@ use super::training::{
     TrainingOutcome,
 };
 use super::transfer::{choose_transfer, TransferModel, TransferNetwork, TransferSetup};
+use crate::data::labels::LabelSet;
 use crate::data::loader::{load_image_set, ImageTensorSet};
 use crate::data::split::{apply_budget, stratified_split, LabelBudget};
 use crate::jobs::config::FinetuneConfig;
@@ -57,6 +58,8 @@ pub struct FinetuneDatasets<'a> {
     pub channels: u8,
     /// Self-training's extra unlabelled images.
     pub unlabelled: Option<&'a Path>,
+    /// The labels sent after the upload to train on, instead of the archive's.
+    pub labels: Option<&'a LabelSet>,
 }
 
 /// Runs (or resumes) a fine-tuning job on the labelled dataset.
@@ -268,6 +271,9 @@ fn load_finetune_data(
     let size = config.image_size as u32;
     let mut data = load_image_set(datasets.labelled, size, channels, ctx.max_image_pixels)
         .map_err(|e| PermanentError(format!("the dataset could not be loaded: {e:#}")))?;
+    if let Some(labels) = datasets.labels {
+        data.relabel(labels)?;
+    }
     let num_classes = data.classes.len();
     if num_classes == 0 {
         return Err(PermanentError(

@@ -35,6 +35,7 @@ use uuid::Uuid;
 use super::backbone::{features, Backbone};
 use super::checkpoint::{copy_into_vars, read_named};
 use super::classifier::{Classifier, NeighbourVote};
+use super::description::ModelDescription;
 use super::device::device_name;
 use super::training::InputSpec;
 use super::transfer::NeighbourBank;
@@ -51,6 +52,27 @@ pub struct ModelHandle {
     /// How a kNN classifier votes; `None` for a linear head.
     pub vote: Option<NeighbourVote>,
     pub weights: PathBuf,
+}
+
+impl ModelHandle {
+    /// The handle of the model `description` describes, whose weights are at `weights`.
+    pub fn of(description: &ModelDescription, weights: PathBuf) -> anyhow::Result<Self> {
+        let backbone = description.backbone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "model {} has unknown backbone {}",
+                description.id,
+                description.backbone
+            )
+        })?;
+        Ok(Self {
+            id: description.id,
+            backbone,
+            num_classes: description.num_classes(),
+            vote: description.vote,
+            input: description.input.clone(),
+            weights,
+        })
+    }
 }
 
 /// What to compute.
@@ -148,10 +170,43 @@ enum Network {
     },
 }
 
-struct LoadedModel {
+/// A model's network, built and loaded on one device.
+pub struct LoadedModel {
     id: Uuid,
     _vs: nn::VarStore,
     network: Network,
+}
+
+impl LoadedModel {
+    /// Builds the model's network on `device` and loads its weights.
+    pub fn load(handle: &ModelHandle, device: Device) -> anyhow::Result<Self> {
+        load_model(handle, device)
+    }
+
+    /// Pooled features of uint8 images `[N, C, S, S]` already at `input`'s
+    /// size, and their class probabilities when `classify` (a classifier's).
+    pub fn forward(
+        &self,
+        batch: &Tensor,
+        input: &InputSpec,
+        classify: bool,
+        device: Device,
+    ) -> (Tensor, Option<Tensor>) {
+        let xs = normalise(batch, &input.mean, &input.std, device);
+        tch::no_grad(|| match &self.network {
+            Network::Encoder(trunk) => (features(trunk, &xs, false), None),
+            Network::Neighbours { trunk, bank } => {
+                let feats = features(trunk, &xs, false);
+                let probabilities = classify.then(|| bank.probabilities(&feats));
+                (feats, probabilities)
+            }
+            Network::Classifier(classifier) => {
+                let feats = classifier.features(&xs, false);
+                let probabilities = classify.then(|| classifier.probabilities_of_features(&feats));
+                (feats, probabilities)
+            }
+        })
+    }
 }
 
 fn load_model(handle: &ModelHandle, device: Device) -> anyhow::Result<LoadedModel> {
@@ -233,26 +288,11 @@ fn forward(
         flat.extend_from_slice(image);
     }
     let batch = Tensor::from_slice(&flat).view([images.len() as i64, channels, size, size]);
-    let xs = normalise(&batch, &input.mean, &input.std, device);
-    tch::no_grad(|| {
-        let (feats, probabilities) = match &model.network {
-            Network::Encoder(trunk) => (features(trunk, &xs, false), None),
-            Network::Neighbours { trunk, bank } => {
-                let feats = features(trunk, &xs, false);
-                let probabilities = classify.then(|| bank.probabilities(&feats));
-                (feats, probabilities)
-            }
-            Network::Classifier(classifier) => {
-                let feats = classifier.features(&xs, false);
-                let probabilities = classify.then(|| classifier.probabilities_of_features(&feats));
-                (feats, probabilities)
-            }
-        };
-        let probabilities = probabilities.as_ref().map(rows).transpose()?;
-        Ok(BatchRows {
-            features: rows(&feats)?,
-            probabilities,
-        })
+    let (feats, probabilities) = model.forward(&batch, input, classify, device);
+    let probabilities = probabilities.as_ref().map(rows).transpose()?;
+    Ok(BatchRows {
+        features: rows(&feats)?,
+        probabilities,
     })
 }
 

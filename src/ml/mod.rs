@@ -1,6 +1,7 @@
 //! LibTorch models and everything that runs them: backbones, the pretext
 //! tasks, the training loops for pretraining and fine-tuning, their
-//! optimizer, checkpoints, and inference. Code in here runs only on dedicated
+//! optimizer, checkpoints, inference, and passes of a model over a whole
+//! dataset. Code in here runs only on dedicated
 //! OS threads that own their tensors; async code talks to it through channels.
 
 pub mod allocator;
@@ -8,6 +9,7 @@ pub mod backbone;
 pub mod ceiling;
 pub mod checkpoint;
 pub mod classifier;
+pub mod dataset_inference;
 pub mod description;
 pub mod device;
 pub mod evaluate;

@@ -1,7 +1,8 @@
 //! What every training loop shares: the stop signal the async side raises, the
 //! events a loop reports, the learning-rate schedule, the seeding of each
 //! step, running averages, and what a finished job leaves behind (the
-//! description of its model, or an evaluation's report).
+//! description of its model, an evaluation's report, or the files of an
+//! embed or predict job).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -121,7 +122,33 @@ pub enum TrainingOutcome {
     Finished(Box<ModelArtifact>),
     /// An evaluation job's results (no new model).
     Evaluated(EvaluationReport),
+    /// An embed or predict job's files, written whole in its output folder.
+    Wrote(JobOutputs),
     Stopped(StopReason),
+}
+
+/// What an embed or predict job leaves behind: files, and what they hold.
+/// Stored as the job's report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobOutputs {
+    /// Images the model ran on: one row (or line) of every file per image,
+    /// in the dataset's archive order.
+    pub images: usize,
+    pub files: Vec<OutputFile>,
+    /// Width of each embedding (embed jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_dim: Option<i64>,
+    /// The classifier's classes (predict jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+}
+
+/// One file a job wrote, downloadable at `/v1/jobs/{id}/outputs/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputFile {
+    pub name: String,
+    pub media_type: String,
+    pub bytes: u64,
 }
 
 /// What an evaluation leaves behind: a protocol's results as a table, plus

@@ -1,6 +1,7 @@
-//! Files on disk: where datasets, job checkpoints and model weights live, and
-//! how they are written so that a crash never leaves a half-written file that
-//! is later taken as whole (write to a temporary sibling, fsync, rename).
+//! Files on disk: where datasets, job checkpoints, model weights and the
+//! files of embed and predict jobs live, and how they are written so that a
+//! crash never leaves a half-written file that is later taken as whole
+//! (write to a temporary sibling, fsync, rename).
 //!
 //! The storage URL picks where artifacts are shared: `file://<folder>` keeps
 //! them in the local folder only (one machine, or a shared disk), and
@@ -112,6 +113,11 @@ impl Storage {
     /// Folder of one job's checkpoint.
     pub fn job_dir(&self, id: Uuid) -> PathBuf {
         self.root.join("jobs").join(id.to_string())
+    }
+
+    /// Folder of the files an embed or predict job wrote.
+    pub fn job_outputs_dir(&self, id: Uuid) -> PathBuf {
+        self.root.join("outputs").join(id.to_string())
     }
 
     /// A fresh file for an upload being streamed to disk; it is removed when
@@ -269,6 +275,44 @@ impl Storage {
         self.remove_dir(&self.job_dir(job_id)).await?;
         match &self.mirror {
             Some(mirror) => mirror.delete_folder(&format!("jobs/{job_id}")).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Shares the files a job wrote in its output folder.
+    pub async fn publish_job_outputs(&self, job_id: Uuid, names: &[String]) -> anyhow::Result<()> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(());
+        };
+        let dir = self.job_outputs_dir(job_id);
+        let files: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
+        mirror
+            .publish_files(&format!("outputs/{job_id}"), &files)
+            .await
+    }
+
+    /// Brings one of a job's output files here when it is not; `false`
+    /// when it is nowhere.
+    pub async fn fetch_job_output(&self, job_id: Uuid, name: &str) -> anyhow::Result<bool> {
+        let dir = self.job_outputs_dir(job_id);
+        if dir.join(name).is_file() {
+            return Ok(true);
+        }
+        match &self.mirror {
+            Some(mirror) => {
+                mirror
+                    .fetch_file(&format!("outputs/{job_id}"), name, &dir)
+                    .await
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes a job's output files here and their shared copies.
+    pub async fn remove_job_outputs(&self, job_id: Uuid) -> anyhow::Result<()> {
+        self.remove_dir(&self.job_outputs_dir(job_id)).await?;
+        match &self.mirror {
+            Some(mirror) => mirror.delete_folder(&format!("outputs/{job_id}")).await,
             None => Ok(()),
         }
     }

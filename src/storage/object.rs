@@ -3,8 +3,9 @@
 //! local folder when a process needs one it does not have.
 //!
 //! Keys beneath the prefix: `datasets/<id>.tar` (the dataset's manifest and
-//! images, packed as one object), `models/<id>/weights.safetensors`, and
-//! `jobs/<id>/checkpoint.{safetensors,json}`. Every put is atomic per object,
+//! images, packed as one object), `models/<id>/weights.safetensors`,
+//! `jobs/<id>/checkpoint.{safetensors,json}`, and `outputs/<job id>/<file>`
+//! (an embed or predict job's files). Every put is atomic per object,
 //! and every fetch lands in a temporary sibling that is renamed into place.
 
 use std::path::{Path, PathBuf};

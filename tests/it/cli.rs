@@ -429,3 +429,132 @@ async fn boolean_environment_variables_accept_the_usual_spellings() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_an_unlabelled_folder_then_predicts_embeds_and_searches_it() {
+    let app = spawn_app().await;
+    let url = app.address.clone();
+    let scratch = tempfile::tempdir().unwrap();
+    // Images at the folder's root: an unlabelled dataset.
+    let shapes = labelled_entries(6, 12);
+    let flat: Vec<(String, Vec<u8>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, bytes))| (format!("{i:02}.png"), bytes.clone()))
+        .collect();
+    let folder = write_folder(&scratch.path().join("scans"), &flat);
+    let upload = run(&url, &["datasets", "upload", text(&folder)]).await;
+    upload.assert_success();
+    let dataset_id = upload.field("id");
+
+    // Label every image from a CSV of archive paths.
+    let labels = scratch.path().join("labels.csv");
+    let rows: String = flat
+        .iter()
+        .zip(&shapes)
+        .map(|((path, _), (class_path, _))| {
+            format!("{path},{}\n", class_path.split('/').next().unwrap())
+        })
+        .collect();
+    std::fs::write(&labels, format!("path,label\n{rows}")).unwrap();
+    let labelled = run(&url, &["label", "--dataset", &dataset_id, text(&labels)]).await;
+    labelled.assert_success();
+    assert_eq!(labelled.field("label version"), "1");
+    assert_eq!(labelled.field("labelled"), "18");
+    let broken = scratch.path().join("broken.csv");
+    std::fs::write(&broken, "path,label\nnot-there.png,disc\n").unwrap();
+    let refused = run(&url, &["label", "--dataset", &dataset_id, text(&broken)]).await;
+    assert_eq!(refused.code, Some(1));
+    assert!(refused.stderr.contains("line 2"), "{}", refused.stderr);
+
+    let finetune = run(
+        &url,
+        &[
+            "train",
+            "finetune",
+            "--dataset",
+            &dataset_id,
+            "--set",
+            "backbone=convnet",
+            "--set",
+            "image_size=32",
+            "--set",
+            "max_steps=10",
+            "--set",
+            "batch_size=8",
+        ],
+    )
+    .await;
+    finetune.assert_success();
+    let classifier_id = finetune.field("model");
+
+    // Predict every image into a local CSV: a header, then one row per image.
+    let predictions = scratch.path().join("predictions.csv");
+    let predicted = run(
+        &url,
+        &[
+            "predict",
+            "--dataset",
+            &dataset_id,
+            "--model",
+            &classifier_id,
+            "--top-k",
+            "2",
+            "--out",
+            text(&predictions),
+        ],
+    )
+    .await;
+    predicted.assert_success();
+    let table = std::fs::read_to_string(&predictions).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0],
+        "image_id,path,label,class_1,score_1,class_2,score_2"
+    );
+    assert_eq!(lines.len(), 19);
+    assert!(lines[1].starts_with("0,00.png,disc,"), "{}", lines[1]);
+
+    // Embed the dataset, then search it from one of its images.
+    let npy = scratch.path().join("embeddings.npy");
+    let embedded = run(
+        &url,
+        &[
+            "embed",
+            "--dataset",
+            &dataset_id,
+            "--model",
+            &classifier_id,
+            "--out",
+            text(&npy),
+        ],
+    )
+    .await;
+    embedded.assert_success();
+    let (rows, _, _) = pretext::data::npy::read_f32_matrix(&std::fs::read(&npy).unwrap()).unwrap();
+    assert_eq!(rows, 18);
+    let found = run(
+        &url,
+        &[
+            "search",
+            "--dataset",
+            &dataset_id,
+            "--model",
+            &classifier_id,
+            "--image-id",
+            "3",
+            "-k",
+            "4",
+        ],
+    )
+    .await;
+    found.assert_success();
+    let hits: Vec<&str> = found.stdout.lines().skip(1).collect();
+    assert_eq!(hits.len(), 4, "{}", found.stdout);
+    assert!(
+        hits.iter().all(|hit| !hit.starts_with("3 ")),
+        "{}",
+        found.stdout
+    );
+    app.stop().await;
+}

@@ -85,6 +85,39 @@ impl Api {
             .expect("request sent")
     }
 
+    /// `POST /v1/datasets/{id}/search?{query}`, with `image` as the body when given.
+    pub async fn search(
+        &self,
+        dataset_id: &str,
+        query: &str,
+        image: Option<Vec<u8>>,
+    ) -> reqwest::Response {
+        let request = self
+            .client
+            .post(self.url(&format!("/v1/datasets/{dataset_id}/search?{query}")));
+        let request = match image {
+            Some(png) => request.header("content-type", "image/png").body(png),
+            None => request,
+        };
+        request.send().await.expect("request sent")
+    }
+
+    /// `PUT /v1/datasets/{id}/labels` with a label file of `content_type`.
+    pub async fn put_labels(
+        &self,
+        dataset_id: &str,
+        content_type: &str,
+        file: &str,
+    ) -> reqwest::Response {
+        self.client
+            .put(self.url(&format!("/v1/datasets/{dataset_id}/labels")))
+            .header("content-type", content_type)
+            .body(file.to_string())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// Submits a job; panics unless it is accepted.
     pub async fn create_job(&self, body: Value) -> Value {
         let response = self.post_json("/v1/jobs", &body).await;

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Similarity search at scale: embed a dataset of N Fashion-MNIST images
+(100,000 by default: the 70,000 train and test images, then horizontally
+flipped train images until N), then time `POST /v1/datasets/{id}/search`
+over HTTP, by image id and by uploaded image, against a running server.
+
+Reports the embed job's wall time and images/s, the first search (which
+reads the embeddings into memory) and the latency percentiles of the
+following ones, and writes bench/results/<name>.{md,json}.
+
+    PRETEXT_API_KEY=… .venv/bin/python bench/search/run.py --url http://127.0.0.1:8080
+
+The encoder's weights do not matter for latency: unless --model-id names
+one, a one-step jigsaw pretraining on the dataset makes it.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+# The label-efficiency benchmark's Fashion-MNIST readers and HTTP client.
+_spec = importlib.util.spec_from_file_location(
+    "label_bench", os.path.join(REPO_ROOT, "bench", "label_efficiency", "run.py"))
+label_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(label_bench)
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def flipped(pixels, width, height):
+    return b"".join(pixels[y * width:(y + 1) * width][::-1] for y in range(height))
+
+
+def images(count):
+    label_bench.ensure_dataset()
+    directory = label_bench.DATASET_DIR
+    train, rows, cols = label_bench.read_idx_images(
+        os.path.join(directory, label_bench.FILES["train_images"]))
+    test, _, _ = label_bench.read_idx_images(
+        os.path.join(directory, label_bench.FILES["test_images"]))
+    pool = train + test
+    extra = 0
+    while len(pool) < count:
+        pool.append(flipped(train[extra % len(train)], cols, rows))
+        extra += 1
+    return [label_bench.encode_png_gray(p, cols, rows) for p in pool[:count]], rows, cols
+
+
+def wait(client, job_id, what):
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}")
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            if job["state"] != "succeeded":
+                raise SystemExit(f"{what} job {job_id} ended {job['state']}: {job.get('error')}")
+            return job
+        time.sleep(2)
+
+
+def timed_post(url, api_key, body=None, content_type=None):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        answer = json.loads(response.read())
+    return (time.perf_counter() - started) * 1000.0, answer
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default=os.environ.get("PRETEXT_URL") or "http://127.0.0.1:8080")
+    ap.add_argument("--api-key", default=os.environ.get("PRETEXT_API_KEY"))
+    ap.add_argument("--images", type=int, default=100_000, help="images in the dataset")
+    ap.add_argument("--queries", type=int, default=200, help="timed searches of each kind")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--model-id", default=None, help="an encoder to embed with")
+    ap.add_argument("--name", default="search_cpu")
+    ap.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"))
+    args = ap.parse_args()
+    if not args.api_key:
+        raise SystemExit("set PRETEXT_API_KEY or pass --api-key")
+    client = label_bench.Client(args.url, args.api_key)
+
+    pngs, rows, cols = images(args.images)
+    log(f"encoded {len(pngs)} images ({rows}x{cols})")
+    archive = label_bench.build_zip((f"img_{i:06d}.png", png) for i, png in enumerate(pngs))
+    started = time.monotonic()
+    dataset = client.request(
+        "POST", f"/v1/datasets?name=search-{len(pngs)}", archive, "application/zip")
+    upload_s = time.monotonic() - started
+    log(f"uploaded dataset {dataset['id']}: {dataset['num_images']} images in {upload_s:.1f} s")
+
+    model_id = args.model_id
+    if model_id is None:
+        job = client.post_json("/v1/jobs", {
+            "kind": "pretrain", "dataset_id": dataset["id"], "config": {"max_steps": 1}})
+        model_id = wait(client, job["id"], "pretrain")["model_id"]
+        log(f"encoder {model_id} (one step of jigsaw)")
+    model = client.get(f"/v1/models/{model_id}")
+
+    job = client.post_json("/v1/jobs", {
+        "kind": "embed", "dataset_id": dataset["id"], "base_model_id": model_id})
+    job = wait(client, job["id"], "embed")
+    embed_s = label_bench.wall_seconds(job)
+    report = client.get(f"/v1/jobs/{job['id']}/report")
+    log(f"embedded {report['images']} images ({report['embedding_dim']} dims) in {embed_s:.1f} s")
+
+    base = f"{args.url.rstrip('/')}/v1/datasets/{dataset['id']}/search?model_id={model_id}&k={args.k}"
+    first_ms, answer = timed_post(f"{base}&image_id=0", args.api_key)
+    assert len(answer["results"]) == args.k, answer
+    by_id = []
+    for q in range(args.queries):
+        image_id = (q * 7919) % len(pngs)
+        ms, _ = timed_post(f"{base}&image_id={image_id}", args.api_key)
+        by_id.append(ms)
+    by_upload = []
+    for q in range(args.queries):
+        png = pngs[(q * 104729) % len(pngs)]
+        ms, _ = timed_post(base, args.api_key, png, "image/png")
+        by_upload.append(ms)
+
+    def summary(values):
+        return {
+            "p50_ms": round(statistics.median(values), 2),
+            "p95_ms": round(percentile(values, 95), 2),
+            "p99_ms": round(percentile(values, 99), 2),
+            "mean_ms": round(statistics.mean(values), 2),
+        }
+
+    record = {
+        "command": " ".join(["bench/search/run.py"] + [
+            a for a in sys.argv[1:] if not a.startswith("--api-key")]),
+        "url": args.url,
+        "images": len(pngs),
+        "image_size": f"{rows}x{cols}",
+        "backbone": model["backbone"],
+        "embedding_dim": report["embedding_dim"],
+        "embeddings_bytes": next(f["bytes"] for f in report["files"] if f["name"] == "embeddings.npy"),
+        "upload_seconds": round(upload_s, 1),
+        "embed_seconds": round(embed_s, 1),
+        "embed_images_per_second": round(len(pngs) / embed_s, 1),
+        "k": args.k,
+        "queries": args.queries,
+        "first_search_ms": round(first_ms, 1),
+        "by_image_id": summary(by_id),
+        "by_uploaded_image": summary(by_upload),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    by_id_s, by_up_s = record["by_image_id"], record["by_uploaded_image"]
+    markdown = f"""# Similarity search over {len(pngs):,} images
+
+Command (against a release server with one CPU worker): `{record['command']}`
+
+Measured {record['when']} on {record['machine']}, over loopback HTTP, one client.
+
+- Dataset: {len(pngs):,} Fashion-MNIST images ({rows}x{cols}): the 70,000 train and test images, then horizontally flipped train images.
+- Encoder: `{record['backbone']}`, {record['embedding_dim']}-dimensional embeddings ({record['embeddings_bytes'] / 1e6:.1f} MB of float32).
+- Embed job: {record['embed_seconds']} s, {record['embed_images_per_second']} images/s (decoding the dataset's images once included).
+- First search after the embed job (reads `embeddings.npy` into memory): {record['first_search_ms']} ms.
+
+| search, k = {args.k}, {args.queries} queries each | p50 | p95 | p99 | mean |
+|---|---:|---:|---:|---:|
+| by image id (exact, one pass over the matrix) | {by_id_s['p50_ms']} ms | {by_id_s['p95_ms']} ms | {by_id_s['p99_ms']} ms | {by_id_s['mean_ms']} ms |
+| by uploaded PNG (decode, embed, then search) | {by_up_s['p50_ms']} ms | {by_up_s['p95_ms']} ms | {by_up_s['p99_ms']} ms | {by_up_s['mean_ms']} ms |
+"""
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+        f.write(markdown)
+    log(markdown)
+
+
+if __name__ == "__main__":
+    main()
