@@ -103,6 +103,11 @@ impl EmbeddingIndex {
         self.unit_rows.len() * std::mem::size_of::<f32>()
     }
 
+    /// Every image's unit-length embedding, row after row.
+    pub fn rows(&self) -> &[f32] {
+        &self.unit_rows
+    }
+
     /// The stored (unit-length) embedding of image `image`.
     pub fn row(&self, image: usize) -> Option<&[f32]> {
         self.unit_rows.chunks_exact(self.dim).nth(image)

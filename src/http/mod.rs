@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod samples;
 pub mod search;
+pub mod selections;
 
 use std::sync::Arc;
 
@@ -92,6 +93,11 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(labels::MAX_LABEL_FILE_BYTES)),
         )
         .route("/v1/datasets/{id}/images/{image_id}", get(images::get))
+        .route("/v1/datasets/{id}/selections", post(selections::create))
+        .route(
+            "/v1/datasets/{id}/selections/{selection_id}",
+            get(selections::get),
+        )
         .route(
             "/v1/datasets/{id}/search",
             post(search::search).layer(inference_limit),

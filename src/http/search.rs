@@ -110,16 +110,7 @@ pub async fn search(
     };
     let dataset = tenant_dataset(&state, &tenant, id).await?;
     let model = find_model(&state, &tenant, params.model_id).await?;
-    let embed_job_id = latest_embed_job(&state.pool, tenant.id, dataset.id, model.id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "dataset {id} has no embeddings by model {} yet: submit an embed job \
-                 (POST /v1/jobs with kind embed, dataset_id {id} and base_model_id {}) and \
-                 search once it has succeeded",
-                model.id, model.id
-            ))
-        })?;
+    let embed_job_id = embedded_by(&state, &tenant, id, model.id, "search").await?;
     let index = embedding_index(&state, embed_job_id).await?;
     let (query, except) = match params.image_id {
         Some(image_id) => {
@@ -155,6 +146,26 @@ pub async fn search(
         embed_job_id,
         results,
     }))
+}
+
+/// The latest embed job that succeeded for `dataset_id` with `model_id`,
+/// or the 409 that says how to make one before trying to `what` again.
+pub(super) async fn embedded_by(
+    state: &AppState,
+    tenant: &Tenant,
+    dataset_id: Uuid,
+    model_id: Uuid,
+    what: &str,
+) -> Result<Uuid, ApiError> {
+    latest_embed_job(&state.pool, tenant.id, dataset_id, model_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "dataset {dataset_id} has no embeddings by model {model_id} yet: submit an embed \
+                 job (POST /v1/jobs with kind embed, dataset_id {dataset_id} and base_model_id \
+                 {model_id}) and {what} once it has succeeded"
+            ))
+        })
 }
 
 /// The embedding of the one image in the request's body.
@@ -193,7 +204,7 @@ async fn query_embedding(
 }
 
 /// The index of an embed job's embeddings, from memory or storage.
-async fn embedding_index(
+pub(super) async fn embedding_index(
     state: &AppState,
     embed_job_id: Uuid,
 ) -> Result<Arc<EmbeddingIndex>, ApiError> {

@@ -176,8 +176,8 @@ fn train(assignment: &Assignment) -> anyhow::Result<TrainingOutcome> {
             run_evaluation(ctx, &source, evaluation, config)
         }
         JobSpec::Embed(config) => {
-            let (model, _) = dataset_model(assignment)?;
-            run_embed(ctx, &dataset_pass(assignment, model), config)
+            let (model, classes) = dataset_model(assignment)?;
+            run_embed(ctx, &dataset_pass(assignment, model), classes, config)
         }
         JobSpec::Predict(config) => {
             let (model, classes) = dataset_model(assignment)?;

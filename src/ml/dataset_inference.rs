@@ -1,6 +1,7 @@
 //! Running a stored model over every image of a dataset, for the jobs that
 //! leave files rather than a model: `embed` (every image's embedding, as
-//! `embeddings.npy`, with `images.csv` naming its rows) and `predict` (every
+//! `embeddings.npy`, with `images.csv` naming its rows, and for a classifier
+//! its class probabilities, `probabilities.npy`) and `predict` (every
 //! image's most probable classes, as `predictions.csv` and
 //! `predictions.jsonl`). Rows follow the dataset's archive order, so row `i`
 //! is image `i` of `/v1/datasets/{id}/images`. The files are written whole,
@@ -29,15 +30,18 @@ use crate::storage::write_atomic_with;
 pub const EMBEDDINGS_FILE: &str = "embeddings.npy";
 /// An embed job's names of its rows: `image_id,path,label`.
 pub const IMAGES_FILE: &str = "images.csv";
+/// An embed job's class probabilities (classifiers only), one row per image.
+pub const PROBABILITIES_FILE: &str = "probabilities.npy";
 /// A predict job's table: `image_id,path,label`, then class and score pairs.
 pub const PREDICTIONS_CSV: &str = "predictions.csv";
 /// A predict job's lines: `{"image_id", "path", "label", "predictions"}`.
 pub const PREDICTIONS_JSONL: &str = "predictions.jsonl";
 
 /// Every file name a job may leave, with its media type.
-pub const OUTPUT_FILES: [(&str, &str); 4] = [
+pub const OUTPUT_FILES: [(&str, &str); 5] = [
     (EMBEDDINGS_FILE, "application/octet-stream"),
     (IMAGES_FILE, "text/csv"),
+    (PROBABILITIES_FILE, "application/octet-stream"),
     (PREDICTIONS_CSV, "text/csv"),
     (PREDICTIONS_JSONL, "application/jsonl"),
 ];
@@ -88,14 +92,14 @@ fn csv_field(value: &str) -> String {
 }
 
 /// Runs the model over every image, `batch_size` at a time, handing each
-/// batch's rows (features, or class probabilities when `classify`) to
-/// `take`; `Some` when the job was asked to stop first.
+/// batch's features, and class probabilities when `classify`, to `take`;
+/// `Some` when the job was asked to stop first.
 fn run_over_dataset(
     ctx: &TrainingContext,
     pass: &DatasetPass,
     batch_size: i64,
     classify: bool,
-    mut take: impl FnMut(&Tensor) -> anyhow::Result<()>,
+    mut take: impl FnMut(&Tensor, Option<&Tensor>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Option<StopReason>> {
     let input = &pass.model.input;
     let set = load_image_set(
@@ -119,12 +123,14 @@ fn run_over_dataset(
         }
         let batch = set.images.narrow(0, start, batch_size.min(count - start));
         let (features, probabilities) = model.forward(&batch, input, classify, ctx.device);
-        let rows = match probabilities {
-            Some(probabilities) => probabilities,
-            None if classify => anyhow::bail!("model {} has no classes", pass.model.id),
-            None => features,
-        };
-        take(&rows.to_kind(Kind::Float).to_device(Device::Cpu))?;
+        if classify && probabilities.is_none() {
+            anyhow::bail!("model {} has no classes", pass.model.id);
+        }
+        let on_cpu = |t: &Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
+        take(
+            &on_cpu(&features),
+            probabilities.as_ref().map(on_cpu).as_ref(),
+        )?;
         let done = (start + batch.size()[0]) as f64;
         ctx.emit(TrainingEvent::Report {
             epoch: 0,
@@ -165,18 +171,25 @@ fn write_output(
     })
 }
 
-/// An embed job: every image's embedding, and the names of the rows.
+/// An embed job: every image's embedding, the names of the rows, and for a
+/// classifier (whose `classes` are given) its probabilities.
 pub fn run_embed(
     ctx: &TrainingContext,
     pass: &DatasetPass,
+    classes: &[String],
     config: &EmbedConfig,
 ) -> anyhow::Result<TrainingOutcome> {
     let manifest = Manifest::read(pass.dataset_dir)?;
-    let mut values: Vec<f32> = Vec::new();
-    let mut dim = 0;
-    let stopped = run_over_dataset(ctx, pass, config.batch_size, false, |rows| {
+    let classify = pass.model.num_classes.is_some();
+    let (mut values, mut probabilities): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+    let (mut dim, mut width) = (0, 0);
+    let stopped = run_over_dataset(ctx, pass, config.batch_size, classify, |rows, probs| {
         dim = rows.size()[1] as usize;
         values.extend(Vec::<f32>::try_from(rows.flatten(0, -1))?);
+        if let Some(probs) = probs {
+            width = probs.size()[1] as usize;
+            probabilities.extend(Vec::<f32>::try_from(probs.flatten(0, -1))?);
+        }
         Ok(())
     })?;
     if let Some(reason) = stopped {
@@ -199,11 +212,17 @@ pub fn run_embed(
         }
         Ok(())
     })?;
+    let mut files = vec![embeddings, names];
+    if classify {
+        files.push(write_output(pass.outputs_dir, PROBABILITIES_FILE, |out| {
+            Ok(write_f32_matrix(out, &probabilities, width)?)
+        })?);
+    }
     Ok(TrainingOutcome::Wrote(JobOutputs {
         images: rows.len(),
-        files: vec![embeddings, names],
+        files,
         embedding_dim: Some(dim as i64),
-        classes: None,
+        classes: classify.then(|| classes.to_vec()),
     }))
 }
 
@@ -225,8 +244,9 @@ pub fn run_predict(
     let manifest = Manifest::read(pass.dataset_dir)?;
     let k = (config.top_k as usize).min(classes.len());
     let mut ranked: Vec<Vec<(usize, f32)>> = Vec::with_capacity(manifest.entries.len());
-    let stopped = run_over_dataset(ctx, pass, config.batch_size, true, |rows| {
-        for row in Vec::<Vec<f32>>::try_from(rows)? {
+    let stopped = run_over_dataset(ctx, pass, config.batch_size, true, |_, probabilities| {
+        let probabilities = probabilities.expect("a classifier's pass has probabilities");
+        for row in Vec::<Vec<f32>>::try_from(probabilities)? {
             ranked.push(top_classes(&row, k));
         }
         Ok(())

@@ -76,7 +76,14 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["embeddings.npy", "images.csv"]);
+    // A classifier's probabilities come too (for uncertainty sampling).
+    assert_eq!(names, ["embeddings.npy", "images.csv", "probabilities.npy"]);
+    let response = download(&app, &job_id, "probabilities.npy").await;
+    let (rows, classes, probabilities) = read_f32_matrix(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!((rows, classes), (24, 3));
+    for row in probabilities.chunks(3) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{row:?}");
+    }
 
     // The matrix: one row per image, in archive order, as /embed answers.
     let response = download(&app, &job_id, "embeddings.npy").await;

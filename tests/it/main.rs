@@ -26,5 +26,6 @@ mod metrics;
 mod pretext;
 mod resume;
 mod scale_out;
+mod selections;
 mod tenants;
 mod transfer;
