@@ -1,6 +1,7 @@
-//! The labelling loop from the command line: `pretext label` (a label file
-//! applied to a dataset), `pretext search` (a dataset's images most similar
-//! to one), `pretext predict` (a predict job followed with a progress bar,
+//! The labelling loop from the command line: `pretext select` (which images
+//! to label next, optionally as a CSV to fill in), `pretext label` (a label
+//! file applied to a dataset), `pretext search` (a dataset's images most
+//! similar to one), `pretext predict` (a predict job followed with a progress bar,
 //! its CSV or JSON Lines written locally) and `pretext embed --dataset` (an
 //! embed job, its `embeddings.npy` written locally).
 
@@ -53,6 +54,33 @@ pub struct SearchArgs {
     /// Images to return.
     #[arg(short, long, default_value_t = 10)]
     k: u32,
+}
+
+/// `pretext select`.
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    #[command(flatten)]
+    client: ClientOptions,
+    /// The dataset to choose from (its unlabelled images).
+    #[arg(long)]
+    dataset: Uuid,
+    /// The model whose embeddings (and, for uncertainty, probabilities) to
+    /// use; the dataset must have been embedded with it.
+    #[arg(long)]
+    model: Uuid,
+    /// Images to choose.
+    #[arg(long, default_value_t = 100)]
+    budget: u32,
+    /// representative, diversity, uncertainty or uncertain_diverse (the
+    /// server's default when omitted).
+    #[arg(long)]
+    strategy: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the chosen images as a CSV to fill in (`image_id,path,label`
+    /// with the labels empty), for `pretext label`.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// `pretext predict`.
@@ -120,6 +148,68 @@ fn class_counts(counts: &Value) -> String {
         .map(|(class, count)| format!("{class} {count}"))
         .collect();
     output::or_dash((!counts.is_empty()).then(|| counts.join(", ")))
+}
+
+/// Runs `pretext select`.
+pub async fn select(args: SelectArgs) -> Result<(), CliError> {
+    let api = ApiClient::new(&args.client)?;
+    let mut body = json!({"budget": args.budget, "model_id": args.model, "seed": args.seed});
+    if let Some(strategy) = &args.strategy {
+        body["strategy"] = json!(strategy);
+    }
+    let value = api
+        .post_json(
+            &format!("/v1/datasets/{}/selections", args.dataset),
+            Some(&body),
+        )
+        .await?;
+    let images: Vec<(u64, String)> = value["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|image| {
+            let id = image["image_id"].as_u64().unwrap_or(0);
+            (id, image["path"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    if let Some(out) = &args.out {
+        write_label_template(out, &images)
+            .with_context(|| format!("Failed to write {}", out.display()))?;
+    }
+    if args.client.json {
+        print_json(&value);
+        return Ok(());
+    }
+    let mut table = Table::new(vec!["IMAGE", "PATH"]);
+    for (id, path) in &images {
+        table.row(vec![id.to_string(), path.clone()]);
+    }
+    table.print("no image left to choose");
+    eprintln!(
+        "selection {} ({}){}",
+        value["id"].as_str().unwrap_or("?"),
+        value["strategy"].as_str().unwrap_or("?"),
+        args.out
+            .as_ref()
+            .map(|out| format!(
+                "; fill in the labels of {} and run `pretext label`",
+                out.display()
+            ))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// The chosen images as a label file to fill in: `image_id,path,label`,
+/// labels empty.
+fn write_label_template(out: &Path, images: &[(u64, String)]) -> anyhow::Result<()> {
+    let mut writer = csv::Writer::from_path(out)?;
+    writer.write_record(["image_id", "path", "label"])?;
+    for (id, path) in images {
+        writer.write_record([id.to_string().as_str(), path, ""])?;
+    }
+    writer.flush()?;
+    Ok(())
 }
 
 /// Runs `pretext search`.

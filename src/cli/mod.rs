@@ -1,5 +1,5 @@
 //! The command-line client: `pretext datasets`, `train`, `jobs`, `models`,
-//! `classify`, `embed`, `label`, `search` and `predict` talk to a running
+//! `classify`, `embed`, `select`, `label`, `search` and `predict` talk to a running
 //! server over its HTTP API, so
 //! everything a `curl` walkthrough does takes one command, with progress bars
 //! for uploads and training.
@@ -15,7 +15,7 @@
 //!   show, delete.
 //! - `jobs`: `train` (submit, then follow), and list, show, follow, cancel.
 //! - `models`: list, show, delete, download weights; `classify` and `embed`.
-//! - `dataset_jobs`: the labelling loop: `label`, `search`, `predict`, and
+//! - `dataset_jobs`: the labelling loop: `select`, `label`, `search`, `predict`, and
 //!   `embed --dataset`.
 //! - `keys`: the operator's API key commands, which use the database
 //!   directly rather than a server.
@@ -54,6 +54,8 @@ pub enum Command {
     /// Embed images (or, with --dataset, every image of a dataset) with a
     /// model's trunk and write the vectors to a file.
     Embed(models::EmbedArgs),
+    /// Choose which of a dataset's unlabelled images to label next.
+    Select(dataset_jobs::SelectArgs),
     /// Label a dataset's images from a CSV or JSON Lines file.
     Label(dataset_jobs::LabelArgs),
     /// Find a dataset's images most similar to one image.
@@ -157,6 +159,7 @@ pub async fn run(command: Command) -> i32 {
         Command::Models(args) => models::run(args).await,
         Command::Classify(args) => models::classify(args).await,
         Command::Embed(args) => models::embed(args).await,
+        Command::Select(args) => dataset_jobs::select(args).await,
         Command::Label(args) => dataset_jobs::label(args).await,
         Command::Search(args) => dataset_jobs::search(args).await,
         Command::Predict(args) => dataset_jobs::predict(args).await,

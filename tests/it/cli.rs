@@ -556,5 +556,60 @@ async fn labels_an_unlabelled_folder_then_predicts_embeds_and_searches_it() {
         "{}",
         found.stdout
     );
+
+    // A fresh upload of the same images: choose four to label, fill in the
+    // template `select` wrote, and send it back.
+    let fresh = run(&url, &["datasets", "upload", text(&folder)]).await;
+    fresh.assert_success();
+    let fresh_id = fresh.field("id");
+    run(
+        &url,
+        &[
+            "embed",
+            "--dataset",
+            &fresh_id,
+            "--model",
+            &classifier_id,
+            "--out",
+            text(&npy),
+        ],
+    )
+    .await
+    .assert_success();
+    let template = scratch.path().join("to_label.csv");
+    let selected = run(
+        &url,
+        &[
+            "select",
+            "--dataset",
+            &fresh_id,
+            "--model",
+            &classifier_id,
+            "--budget",
+            "4",
+            "--out",
+            text(&template),
+        ],
+    )
+    .await;
+    selected.assert_success();
+    let rows: Vec<String> = std::fs::read_to_string(&template)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(rows[0], "image_id,path,label");
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let filled: String = rows[1..]
+        .iter()
+        .map(|row| {
+            let id: usize = row.split(',').next().unwrap().parse().unwrap();
+            format!("{row}{}\n", shapes[id].0.split('/').next().unwrap())
+        })
+        .collect();
+    std::fs::write(&template, format!("image_id,path,label\n{filled}")).unwrap();
+    let labelled = run(&url, &["label", "--dataset", &fresh_id, text(&template)]).await;
+    labelled.assert_success();
+    assert_eq!(labelled.field("labelled"), "4");
     app.stop().await;
 }
