@@ -480,6 +480,18 @@ def wall_seconds(job):
     return (end - start).total_seconds()
 
 
+def wait_for_job(client, job_id, what, poll=3.0):
+    """Polls job `job_id` until it ends; returns it, or stops the script
+    when it did not succeed."""
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}")
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            if job["state"] != "succeeded":
+                raise SystemExit(f"{what} job {job_id} ended {job['state']}: {job.get('error')}")
+            return job
+        time.sleep(poll)
+
+
 def fmt_metric(value):
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):

@@ -57,13 +57,7 @@ def images(count):
 
 
 def wait(client, job_id, what):
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}")
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            if job["state"] != "succeeded":
-                raise SystemExit(f"{what} job {job_id} ended {job['state']}: {job.get('error')}")
-            return job
-        time.sleep(2)
+    return label_bench.wait_for_job(client, job_id, what)
 
 
 def timed_post(url, api_key, body=None, content_type=None):

@@ -36,13 +36,7 @@ def log(message):
 
 
 def wait(client, job_id, what):
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}")
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            if job["state"] != "succeeded":
-                raise SystemExit(f"{what} job {job_id} ended {job['state']}: {job.get('error')}")
-            return job
-        time.sleep(3)
+    return label_bench.wait_for_job(client, job_id, what)
 
 
 def download(args, path):

@@ -692,6 +692,11 @@ fn resolve_label_version(c: &mut FieldChecker, version: Option<i64>) -> Option<i
 /// Images per forward pass of embed and predict jobs, unless told otherwise.
 const DEFAULT_INFERENCE_BATCH: i64 = 256;
 
+/// Images per forward pass of a job that runs a model over a dataset.
+fn inference_batch_size(c: &mut FieldChecker, value: Option<i64>) -> i64 {
+    c.int("batch_size", value, DEFAULT_INFERENCE_BATCH, 1, 4096)
+}
+
 /// `config` of an embed job as sent.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -710,13 +715,7 @@ impl EmbedConfigRequest {
     /// Fills defaults and validates.
     pub fn resolve(self) -> Result<EmbedConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let batch_size = c.int(
-            "batch_size",
-            self.batch_size,
-            DEFAULT_INFERENCE_BATCH,
-            1,
-            4096,
-        );
+        let batch_size = inference_batch_size(&mut c, self.batch_size);
         c.finish(EmbedConfig { batch_size })
     }
 }
@@ -746,13 +745,7 @@ impl PredictConfigRequest {
     /// Fills defaults and validates.
     pub fn resolve(self) -> Result<PredictConfig, Vec<FieldError>> {
         let mut c = FieldChecker::new();
-        let batch_size = c.int(
-            "batch_size",
-            self.batch_size,
-            DEFAULT_INFERENCE_BATCH,
-            1,
-            4096,
-        );
+        let batch_size = inference_batch_size(&mut c, self.batch_size);
         let top_k = c.int("top_k", self.top_k, 5, 1, MAX_TOP_K);
         c.finish(PredictConfig { batch_size, top_k })
     }
