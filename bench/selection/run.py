@@ -77,6 +77,12 @@ def main():
                     help="JSON config of the encoder's pretraining (default: the service's)")
     ap.add_argument("--finetune-config", default="{}",
                     help="JSON config added to every fine-tuning (default: the service's)")
+    ap.add_argument("--pool-dataset", default=None,
+                    help="reuse this uploaded pool (its first --pool train images, unlabelled)")
+    ap.add_argument("--test-dataset", default=None,
+                    help="reuse this uploaded test set (the 10,000 test images, in order)")
+    ap.add_argument("--encoder", default=None,
+                    help="reuse this encoder, pretrained on the pool, instead of pretraining one")
     ap.add_argument("--name", default="selection_cpu")
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"))
     args = ap.parse_args()
@@ -95,19 +101,29 @@ def main():
     pool = list(range(args.pool))
     pngs = {i: label_bench.encode_png_gray(train[i], cols, rows) for i in pool}
 
-    archive = label_bench.build_zip((f"pool_{i:05d}.png", pngs[i]) for i in pool)
-    pool_set = client.request("POST", f"/v1/datasets?name=selection-pool-{args.pool}",
-                              archive, "application/zip")
-    test_archive = label_bench.build_zip(
-        (f"{label_bench.CLASSES[test_labels[i]]}/test_{i:05d}.png",
-         label_bench.encode_png_gray(test[i], cols, rows)) for i in range(len(test)))
-    test_set = client.request("POST", "/v1/datasets?name=selection-test", test_archive,
-                              "application/zip")
+    if args.pool_dataset:
+        pool_set = client.get(f"/v1/datasets/{args.pool_dataset}")
+    else:
+        archive = label_bench.build_zip((f"pool_{i:05d}.png", pngs[i]) for i in pool)
+        pool_set = client.request("POST", f"/v1/datasets?name=selection-pool-{args.pool}",
+                                  archive, "application/zip")
+    if args.test_dataset:
+        test_set = client.get(f"/v1/datasets/{args.test_dataset}")
+    else:
+        test_archive = label_bench.build_zip(
+            (f"{label_bench.CLASSES[test_labels[i]]}/test_{i:05d}.png",
+             label_bench.encode_png_gray(test[i], cols, rows)) for i in range(len(test)))
+        test_set = client.request("POST", "/v1/datasets?name=selection-test", test_archive,
+                                  "application/zip")
     # Archive order is upload order, so predictions.csv's image_id indexes test_labels.
     log(f"pool {pool_set['id']} ({pool_set['num_images']} images), test {test_set['id']}")
 
-    pretrain = run_job(client, {"kind": "pretrain", "dataset_id": pool_set["id"],
-                                "config": json.loads(args.pretrain_config)}, "pretrain")
+    if args.encoder:
+        encoder = client.get(f"/v1/models/{args.encoder}")
+        pretrain = client.get(f"/v1/jobs/{encoder['job_id']}")
+    else:
+        pretrain = run_job(client, {"kind": "pretrain", "dataset_id": pool_set["id"],
+                                    "config": json.loads(args.pretrain_config)}, "pretrain")
     encoder_id = pretrain["model_id"]
     log(f"encoder {encoder_id}: {pretrain['config'].get('pretext')} "
         f"{pretrain['config'].get('epochs')} epochs in {label_bench.wall_seconds(pretrain):.0f} s")
@@ -189,7 +205,8 @@ def main():
         f"- Each run: {args.budget} pool images chosen (at random with Python's "
         "`random.Random(seed).sample`, or by `POST /v1/datasets/{id}/selections` with the "
         "strategy and seed), uploaded with their true labels, fine-tuned from the encoder "
-        "with the service's default fine-tuning (seed = the run's seed; transfer "
+        "with the service's default fine-tuning settings plus "
+        f"`{args.finetune_config}` (seed = the run's seed; transfer "
         f"`{finetune_jobs[0].get('transfer') if finetune_jobs else '?'}`), then a predict job "
         "on the 10,000 test images.",
         "- Nothing was tuned on the test images: the strategies ran once each, with their "
