@@ -207,11 +207,13 @@ fn train_with_checkpoints(
     split: &FinetuneData,
 ) -> anyhow::Result<Result<Vec<(String, f64)>, StopReason>> {
     let mut optimizer = AdamW::new(vs, config.learning_rate, config.weight_decay)?;
-    let total_steps = setup.supervised.plan(split.train.len()).total_steps;
+    let plan = setup.supervised.plan(split.train.len());
+    let total_steps = plan.total_steps;
     let mut checkpoints = CheckpointSchedule::new(&ctx.job_dir, config.checkpoint_interval_secs);
     let start_step = checkpoints.resume(vs, &mut optimizer)?;
+    // The epochs the steps make, which `min_steps` may lengthen past config.epochs.
     ctx.emit(TrainingEvent::Plan {
-        epochs: config.epochs,
+        epochs: plan.epochs(),
         steps: total_steps,
         start_step,
     });

@@ -46,6 +46,14 @@ pub struct SupervisedPlan {
     pub total_steps: i64,
 }
 
+impl SupervisedPlan {
+    /// Epochs the run takes: more than asked when `min_steps` lengthens it,
+    /// fewer when `max_steps` cuts it.
+    pub fn epochs(&self) -> i64 {
+        (self.total_steps + self.steps_per_epoch - 1) / self.steps_per_epoch
+    }
+}
+
 impl SupervisedSettings {
     /// Steps per epoch (whole batches only) and in all.
     pub fn plan(&self, train_images: usize) -> SupervisedPlan {
@@ -210,6 +218,34 @@ mod tests {
             labels,
             classes: vec!["dark".into(), "bright".into()],
         }
+    }
+
+    #[test]
+    fn a_plan_counts_the_epochs_its_steps_make() {
+        let settings = SupervisedSettings {
+            epochs: 20,
+            batch_size: 64,
+            learning_rate: 1e-3,
+            trunk_lr_scale: 0.1,
+            weight_decay: 0.0,
+            augment: false,
+            seed: 0,
+            min_steps: 300,
+            max_steps: None,
+        };
+        // 90 images: one batch of 64 per epoch, lengthened to 300 steps.
+        let plan = settings.plan(90);
+        assert_eq!(
+            (plan.steps_per_epoch, plan.total_steps, plan.epochs()),
+            (1, 300, 300)
+        );
+        // 6,400 images: 100 steps per epoch, 20 epochs are more than 300 steps.
+        assert_eq!(settings.plan(6400).epochs(), 20);
+        let capped = SupervisedSettings {
+            max_steps: Some(150),
+            ..settings
+        };
+        assert_eq!(capped.plan(6400).epochs(), 2);
     }
 
     #[test]
