@@ -91,6 +91,7 @@ impl Application {
             shutdown: shutdown.clone(),
             auth: Arc::new(auth),
             embeddings: Default::default(),
+            projections: Default::default(),
         };
         Ok(Self {
             listener,

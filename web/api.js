@@ -77,6 +77,14 @@ export const createJob = (body) => request("POST", "/v1/jobs", { json: body });
 export const cancelJob = (id) => request("POST", `/v1/jobs/${id}/cancel`);
 export const readiness = () => request("GET", "/readyz");
 export const sampleImage = (datasetId, n) => fetchBlob(`/v1/datasets/${datasetId}/samples/${n}`);
+/** One image of a dataset as a PNG thumbnail whose longest side is `size`. */
+export const datasetImage = (datasetId, imageId, size) => fetchBlob(`/v1/datasets/${datasetId}/images/${imageId}?size=${size}`);
+export const datasetMap = (datasetId, modelId) => request("GET", `/v1/datasets/${datasetId}/map?model_id=${modelId}`);
+export const searchSimilar = (datasetId, modelId, imageId, k) =>
+  request("POST", `/v1/datasets/${datasetId}/search?model_id=${modelId}&image_id=${imageId}&k=${k}`);
+export const selectImages = (datasetId, body) => request("POST", `/v1/datasets/${datasetId}/selections`, { json: body });
+/** Sends a label file (CSV with `image_id,label`); resolves to the new label summary. */
+export const putLabels = (datasetId, csv) => request("PUT", `/v1/datasets/${datasetId}/labels`, { body: csv, contentType: "text/csv" });
 
 /** Classifies one image (raw body); resolves to its ranked predictions. */
 export function classify(modelId, file, topK = 5) {

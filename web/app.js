@@ -5,12 +5,13 @@
 import { apiKey, isTerminal, listDatasets, listJobs, listModels, readiness, setApiKey } from "./api.js";
 import { toast } from "./dom.js";
 import * as datasetsView from "./datasets.js";
+import * as exploreView from "./explore.js";
 import * as jobsView from "./jobs.js";
 import * as modelsView from "./models.js";
 
 const ACTIVE_INTERVAL_MS = 2000;
 const IDLE_INTERVAL_MS = 10000;
-const TABS = ["datasets", "jobs", "models"];
+const TABS = ["datasets", "jobs", "models", "explore"];
 
 /** What every view reads and may ask for. */
 const ctx = {
@@ -18,6 +19,7 @@ const ctx = {
   refresh,
   showTab,
   prefillJob: (options) => jobsView.prefill(options),
+  explore: (datasetId) => exploreView.open(datasetId),
 };
 
 let timer = null;
@@ -37,6 +39,7 @@ async function refresh() {
     datasetsView.render();
     jobsView.render();
     modelsView.render();
+    exploreView.render();
   } catch (error) {
     if (error.status === 401) askForKey(error.message);
     else if (error.message !== lastError) toast(`Could not load the lists: ${error.message}`, "error");
@@ -75,6 +78,7 @@ function route() {
     else link.removeAttribute("aria-current");
   }
   if (tab === "jobs") jobsView.openDetail(detail ?? null);
+  if (tab === "explore") exploreView.show();
 }
 
 /** Points at the key field after a 401: the server wants a (valid) key. */
@@ -109,6 +113,7 @@ setUpKeyField();
 datasetsView.init(ctx);
 jobsView.init(ctx);
 modelsView.init(ctx);
+exploreView.init(ctx);
 window.addEventListener("hashchange", route);
 route();
 refresh();

@@ -53,7 +53,7 @@ async function upload(file) {
 
 export function render() {
   const { datasets } = ctx.store;
-  const next = JSON.stringify(datasets) + [...expanded].join();
+  const next = JSON.stringify(datasets) + [...expanded].join() + (ctx.store.models.length > 0);
   if (next === signature) return;
   signature = next;
   const table = document.getElementById("datasets-table");
@@ -82,6 +82,7 @@ function rows(dataset) {
       { class: "actions" },
       h("button", { type: "button", text: "Pretrain", onclick: (event) => startJob(event, "pretrain", dataset) }),
       dataset.labeled && h("button", { type: "button", text: "Fine-tune", onclick: (event) => startJob(event, "finetune", dataset) }),
+      ctx.store.models.length > 0 && h("button", { type: "button", text: "Explore", onclick: (event) => explore(event, dataset) }),
     ),
   );
   if (!open) return [row];
@@ -101,6 +102,12 @@ function startJob(event, kind, dataset) {
   event.stopPropagation();
   ctx.showTab("jobs");
   ctx.prefillJob({ kind, datasetId: dataset.id });
+}
+
+function explore(event, dataset) {
+  event.stopPropagation();
+  ctx.showTab("explore");
+  ctx.explore(dataset.id);
 }
 
 function samples(dataset) {

@@ -2,8 +2,8 @@
 //! decoding and resizing, the on-disk manifest of a dataset, loading a dataset
 //! into a uint8 tensor, stratified splits for few-label training, the order
 //! of the images in training batches, augmentation, label files sent after
-//! the upload, the `.npy` embeddings of a dataset searched by similarity,
-//! and the choice of which images to label next.
+//! the upload, the `.npy` embeddings of a dataset searched by similarity
+//! and projected to a 2-D map, and the choice of which images to label next.
 
 pub mod archive;
 pub mod augment;
@@ -15,5 +15,6 @@ pub mod labels;
 pub mod loader;
 pub mod manifest;
 pub mod npy;
+pub mod projection;
 pub mod selection;
 pub mod split;

@@ -61,6 +61,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../../web/models.js"),
     },
     Asset {
+        name: "explore.js",
+        media_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../../web/explore.js"),
+    },
+    Asset {
         name: "favicon.svg",
         media_type: "image/svg+xml",
         body: include_bytes!("../../web/favicon.svg"),

@@ -11,6 +11,7 @@ pub mod health;
 pub mod images;
 pub mod jobs;
 pub mod labels;
+pub mod map;
 pub mod metrics;
 pub mod models;
 pub mod samples;
@@ -51,7 +52,9 @@ pub struct AppState {
     /// Authentication and rate limiting of `/v1`.
     pub auth: Arc<Auth>,
     /// Dataset embeddings read for similarity search.
-    pub embeddings: search::EmbeddingCache,
+    pub embeddings: search::EmbedJobCache<crate::data::embeddings::EmbeddingIndex>,
+    /// 2-D maps of dataset embeddings, for the dashboard.
+    pub projections: search::EmbedJobCache<crate::data::projection::Projection>,
 }
 
 /// The `/v1` gate's part of the state.
@@ -93,6 +96,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(labels::MAX_LABEL_FILE_BYTES)),
         )
         .route("/v1/datasets/{id}/images/{image_id}", get(images::get))
+        .route("/v1/datasets/{id}/map", get(map::map))
         .route("/v1/datasets/{id}/selections", post(selections::create))
         .route(
             "/v1/datasets/{id}/selections/{selection_id}",

@@ -28,34 +28,46 @@ use crate::ml::inference::{InferenceOutput, InferenceTask};
 /// Most neighbours one search returns.
 const MAX_K: i64 = 1000;
 
-/// Indexes kept in memory at once.
-const CACHED_INDEXES: usize = 4;
+/// Indexes (and maps) kept in memory at once.
+const CACHED_ENTRIES: usize = 4;
 
-/// An embed job's embeddings, read into memory.
-type CachedIndex = (Uuid, Arc<EmbeddingIndex>);
+/// Something computed from an embed job's outputs, by that job's id.
+type CachedEntry<T> = (Uuid, Arc<T>);
 
-/// Embedding indexes already read, by the embed job that wrote them, most
-/// recently used last.
-#[derive(Clone, Default)]
-pub struct EmbeddingCache(Arc<Mutex<Vec<CachedIndex>>>);
+/// What was read or computed from embed jobs' outputs (their embedding
+/// indexes, their maps), by the embed job, a few at once, most recently
+/// used last.
+pub struct EmbedJobCache<T>(Arc<Mutex<Vec<CachedEntry<T>>>>);
 
-impl EmbeddingCache {
-    fn get(&self, job_id: Uuid) -> Option<Arc<EmbeddingIndex>> {
+impl<T> Default for EmbedJobCache<T> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Vec::new())))
+    }
+}
+
+impl<T> Clone for EmbedJobCache<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> EmbedJobCache<T> {
+    pub(super) fn get(&self, job_id: Uuid) -> Option<Arc<T>> {
         let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let position = entries.iter().position(|(id, _)| *id == job_id)?;
         let entry = entries.remove(position);
-        let index = entry.1.clone();
+        let value = entry.1.clone();
         entries.push(entry);
-        Some(index)
+        Some(value)
     }
 
-    fn insert(&self, job_id: Uuid, index: Arc<EmbeddingIndex>) {
+    pub(super) fn insert(&self, job_id: Uuid, value: Arc<T>) {
         let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(id, _)| *id != job_id);
-        if entries.len() >= CACHED_INDEXES {
+        if entries.len() >= CACHED_ENTRIES {
             entries.remove(0);
         }
-        entries.push((job_id, index));
+        entries.push((job_id, value));
     }
 }
 

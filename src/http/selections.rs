@@ -181,7 +181,7 @@ pub async fn create(
 }
 
 /// A classifier's probabilities from an embed job: `(values, classes)`.
-async fn read_probabilities(
+pub(super) async fn read_probabilities(
     state: &AppState,
     embed_job_id: Uuid,
 ) -> Result<(Vec<f32>, usize), ApiError> {

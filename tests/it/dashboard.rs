@@ -1,7 +1,8 @@
 //! The dashboard: the page and every file it loads are served with their
 //! types, dataset samples are served for its thumbnails, and (with
 //! `PRETEXT_BROWSER_TESTS=1`, as `make test` sets) headless Chromium follows a
-//! job to the end on it and classifies an image through it.
+//! job to the end on it and classifies an image through it, and maps a
+//! dataset's embeddings and labels a selection of its images on it.
 
 use std::collections::HashSet;
 use std::io::Cursor;
@@ -177,23 +178,64 @@ async fn serves_the_first_sixteen_images_of_a_dataset_as_samples() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_browser_watches_a_job_succeed_then_finetunes_and_classifies_on_the_dashboard() {
+/// Where a browser script writes its screenshots, emptied; `None` (with a
+/// note) unless `PRETEXT_BROWSER_TESTS=1`.
+fn browser_test_dir(name: &str) -> Option<std::path::PathBuf> {
     if std::env::var("PRETEXT_BROWSER_TESTS").as_deref() != Ok("1") {
         eprintln!(
             "skipped: set PRETEXT_BROWSER_TESTS=1 (as `make test` does) to drive the dashboard in Chromium"
         );
-        return;
+        return None;
     }
     let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").is_dir(),
         "tests/browser/node_modules is missing: run `make browser-setup`"
     );
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
+    Some(out_dir)
+}
 
+/// Runs `tests/browser/<script>` against `app`, fails with its log unless it
+/// passes, and checks that it saved each of `screenshots` in `out_dir`.
+async fn run_browser_script(app: &TestApp, script: &str, out_dir: &Path, screenshots: &[&str]) {
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir.join(script))
+        .arg(&app.address)
+        .arg(out_dir)
+        .arg(TEST_API_KEY)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(BROWSER_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| panic!("{script} ran over {BROWSER_TIMEOUT:?}"))
+        .expect("node runs (install Node.js 20 or later)");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{log}");
+    assert!(
+        output.status.success(),
+        "{script} failed ({}); screenshots in {}:\n{log}",
+        output.status,
+        out_dir.display()
+    );
+    for name in screenshots {
+        assert!(out_dir.join(name).is_file(), "{name} was not saved");
+    }
+    println!("screenshots in {}", out_dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_watches_a_job_succeed_then_finetunes_and_classifies_on_the_dashboard() {
+    let Some(out_dir) = browser_test_dir("dashboard") else {
+        return;
+    };
     let app = spawn_app().await;
     let dataset = app.upload_zip(zip_archive(&labelled_entries(30, 1))).await;
     let mut config = quick_pretrain_config();
@@ -218,36 +260,57 @@ async fn a_browser_watches_a_job_succeed_then_finetunes_and_classifies_on_the_da
         .collect();
     std::fs::write(out_dir.join("unlabelled.zip"), zip_archive(&unlabelled)).unwrap();
 
-    let run = tokio::process::Command::new("node")
-        .arg(browser_dir.join("dashboard.mjs"))
-        .arg(&app.address)
-        .arg(&out_dir)
-        .arg(TEST_API_KEY)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(BROWSER_TIMEOUT, run)
-        .await
-        .unwrap_or_else(|_| panic!("the browser script ran over {BROWSER_TIMEOUT:?}"))
-        .expect("node runs (install Node.js 20 or later)");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    println!("{log}");
-    assert!(
-        output.status.success(),
-        "the browser script failed ({}); screenshots in {}:\n{log}",
-        output.status,
-        out_dir.display()
-    );
-    for name in [
-        "dashboard-datasets.png",
-        "dashboard-jobs.png",
-        "dashboard-classify.png",
-    ] {
-        assert!(out_dir.join(name).is_file(), "{name} was not saved");
-    }
-    println!("screenshots in {}", out_dir.display());
+    run_browser_script(
+        &app,
+        "dashboard.mjs",
+        &out_dir,
+        &[
+            "dashboard-datasets.png",
+            "dashboard-jobs.png",
+            "dashboard-classify.png",
+        ],
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_maps_an_unlabelled_dataset_then_labels_a_selection_on_the_dashboard() {
+    let Some(out_dir) = browser_test_dir("explore") else {
+        return;
+    };
+    let app = spawn_app().await;
+    // 24 unlabelled images: image n is of class n % 3, as the script expects.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let images: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|n| {
+            (
+                format!("{n:02}.png"),
+                png(&shape_image(CLASSES[n % 3], &mut rng)),
+            )
+        })
+        .collect();
+    let dataset = app
+        .upload_raw(zip_archive(&images), "application/zip", Some("loop"))
+        .await;
+    assert_eq!(dataset.status(), 201);
+    let dataset: serde_json::Value = dataset.json().await.unwrap();
+    let job = app
+        .create_job_id(json!({"kind": "pretrain", "dataset_id": dataset["id"],
+            "config": quick_pretrain_config()}))
+        .await;
+    app.wait_for_success(&job, Duration::from_secs(300)).await;
+
+    run_browser_script(
+        &app,
+        "explore.mjs",
+        &out_dir,
+        &[
+            "dashboard-labelling.png",
+            "dashboard-map.png",
+            "dashboard-explore.png",
+        ],
+    )
+    .await;
     app.stop().await;
 }

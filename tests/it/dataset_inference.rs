@@ -1,6 +1,6 @@
 //! A model run over a whole dataset: an embed job's embeddings downloaded as
 //! `.npy` with the names of their rows, searched by similarity from an image
-//! id or an uploaded image; a predict job's CSV and JSON Lines agreeing with
+//! id or an uploaded image, and projected to a 2-D map; a predict job's CSV and JSON Lines agreeing with
 //! `/classify`; bad requests named, and another tenant's dataset and files
 //! out of reach.
 
@@ -51,6 +51,9 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
         problem["detail"].as_str().unwrap().contains("kind embed"),
         "{problem}"
     );
+    let map_path = format!("/v1/datasets/{dataset_id}/map?model_id={model_id}");
+    let problem = assert_problem(app.get(&map_path).await, 409).await;
+    assert!(problem["detail"].as_str().unwrap().contains("kind embed"));
 
     let job_id = app
         .create_job_id(json!({"kind": "embed", "dataset_id": dataset_id,
@@ -148,6 +151,68 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
     assert_eq!(found["results"][0]["image_id"], 9, "{found}");
     assert!(found["results"][0]["score"].as_f64().unwrap() > 0.999);
 
+    // The map: every image at its first two principal components (of the
+    // unit-length embeddings), with its label and the classifier's guess.
+    let map = app.get_json(&map_path).await;
+    assert_eq!(map["embed_job_id"], job_id.as_str(), "{map}");
+    assert_eq!(map["method"], "pca");
+    assert_eq!(map["total"], 24);
+    let points = map["points"].as_array().unwrap();
+    assert_eq!(points.len(), 24);
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for (i, point) in points.iter().enumerate() {
+        assert_eq!(point["image_id"], i);
+        assert_eq!(point["label"], entries[i].0.split('/').next().unwrap());
+        let row = &probabilities[i * 3..i * 3 + 3];
+        let best = (0..3).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+        assert_eq!(point["prediction"], CLASSES[best], "{point}");
+        assert!((point["confidence"].as_f64().unwrap() as f32 - row[best]).abs() < 1e-6);
+        xs.push(point["x"].as_f64().unwrap());
+        ys.push(point["y"].as_f64().unwrap());
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(&xs), mean(&ys));
+    assert!(mx.abs() < 1e-4 && my.abs() < 1e-4, "centred: {mx} {my}");
+    let variance_x = xs.iter().map(|x| x * x).sum::<f64>() / 24.0;
+    let variance_y = ys.iter().map(|y| y * y).sum::<f64>() / 24.0;
+    let covariance = xs.iter().zip(&ys).map(|(x, y)| x * y).sum::<f64>() / 24.0;
+    assert!(variance_x >= variance_y, "{variance_x} {variance_y}");
+    assert!(
+        covariance.abs() < 1e-4 * variance_x.max(1e-9),
+        "{covariance}"
+    );
+    // The variance ratio is the share of the unit rows' total variance.
+    let unit: Vec<Vec<f64>> = (0..24)
+        .map(|i| {
+            let r: Vec<f64> = row(i).iter().map(|&v| v as f64).collect();
+            let n = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+            r.iter().map(|v| v / n).collect()
+        })
+        .collect();
+    let total: f64 = (0..dim)
+        .map(|d| {
+            let m = unit.iter().map(|r| r[d]).sum::<f64>() / 24.0;
+            unit.iter().map(|r| (r[d] - m).powi(2)).sum::<f64>() / 24.0
+        })
+        .sum();
+    let ratio = map["explained_variance_ratio"][0].as_f64().unwrap();
+    assert!(
+        (ratio - variance_x / total).abs() < 1e-3,
+        "{ratio} vs {}",
+        variance_x / total
+    );
+    let sampled = app.get_json(&format!("{map_path}&limit=5")).await;
+    let ids: Vec<u64> = sampled["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["image_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [0, 4, 9, 14, 19], "an even sample of the 24");
+    assert_eq!(sampled["points"][1]["x"], map["points"][4]["x"]);
+    let problem = assert_problem(app.get(&format!("{map_path}&limit=0")).await, 422).await;
+    assert_eq!(problem["errors"][0]["field"], "limit", "{problem}");
+
     // Bad queries are named.
     for (query, field) in [(by_id(24), "image_id"), (format!("{}&k=0", by_id(0)), "k")] {
         let response = app.search(dataset_id, &query, None).await;
@@ -167,6 +232,7 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
     let other = app.with_key(&app.create_key("other").await);
     let response = other.search(dataset_id, &by_id(0), None).await;
     assert_problem(response, 404).await;
+    assert_problem(other.get(&map_path).await, 404).await;
     let response = other
         .get(&format!("/v1/jobs/{job_id}/outputs/embeddings.npy"))
         .await;
