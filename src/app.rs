@@ -92,6 +92,8 @@ impl Application {
             auth: Arc::new(auth),
             embeddings: Default::default(),
             projections: Default::default(),
+            manifests: Default::default(),
+            label_sets: Default::default(),
         };
         Ok(Self {
             listener,

@@ -86,6 +86,13 @@ pub struct ServeConfig {
     #[arg(long, env = "PRETEXT_MAX_INFERENCE_BYTES", default_value_t = 64 << 20)]
     pub max_inference_bytes: usize,
 
+    /// Datasets of at least this many images are searched through an
+    /// approximate (HNSW) graph, built in the background when their
+    /// embeddings are first read; smaller ones, and large ones until their
+    /// graph is built, are searched exactly.
+    #[arg(long, env = "PRETEXT_ANN_MIN_IMAGES", default_value_t = 200_000)]
+    pub ann_min_images: usize,
+
     /// Most images one `/embed` or `/classify` request may carry.
     #[arg(long, env = "PRETEXT_MAX_INFERENCE_IMAGES", default_value_t = 256)]
     pub max_inference_images: usize,

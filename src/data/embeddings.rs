@@ -4,9 +4,13 @@
 //! similarity. Exact search is one pass over the matrix, split across the
 //! rayon pool; it runs off the async threads.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
+use super::approximate::ApproximateIndex;
 use super::npy::read_f32_matrix;
+use super::vectors::{dot, unit, Neighbour};
 
 /// Rows scored per rayon task.
 const ROWS_PER_TASK: usize = 4096;
@@ -16,39 +20,26 @@ const ROWS_PER_TASK: usize = 4096;
 pub struct EmbeddingIndex {
     dim: usize,
     unit_rows: Vec<f32>,
+    /// The HNSW graph over the rows, once built (large datasets only).
+    approximate: OnceLock<ApproximateIndex>,
 }
 
-/// One neighbour: the image's index and its cosine similarity to the query.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Neighbour {
-    pub image: usize,
-    pub score: f32,
+/// How a search went through the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchMethod {
+    /// Every row scored.
+    Exact,
+    /// The rows the HNSW graph led to.
+    Approximate,
 }
 
-/// `v` scaled to unit length (left as is when it is all zeros).
-fn unit(v: &mut [f32]) {
-    let norm = dot(v, v).sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-}
-
-/// The dot product, in eight lanes so that it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            lanes[lane] += x[lane] * y[lane];
+impl SearchMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Approximate => "approximate",
         }
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// The best `k` of `scored` (highest score first; ties by lower index).
@@ -80,6 +71,7 @@ impl EmbeddingIndex {
         Self {
             dim,
             unit_rows: values,
+            approximate: OnceLock::new(),
         }
     }
 
@@ -111,6 +103,38 @@ impl EmbeddingIndex {
     /// The stored (unit-length) embedding of image `image`.
     pub fn row(&self, image: usize) -> Option<&[f32]> {
         self.unit_rows.chunks_exact(self.dim).nth(image)
+    }
+
+    /// Builds the HNSW graph over the rows, unless it is there already;
+    /// until it is, searches stay exact. Takes a while: run it off the
+    /// async threads.
+    pub fn build_approximate(&self) {
+        self.approximate
+            .get_or_init(|| ApproximateIndex::build(&self.unit_rows, self.dim));
+    }
+
+    /// Whether the HNSW graph is built.
+    pub fn is_approximate(&self) -> bool {
+        self.approximate.get().is_some()
+    }
+
+    /// The `k` images most similar to `query`, most similar first, leaving
+    /// out `except`: through the HNSW graph once it is built, else exact.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        except: Option<usize>,
+    ) -> (Vec<Neighbour>, SearchMethod) {
+        match self.approximate.get() {
+            Some(graph) => {
+                assert_eq!(query.len(), self.dim, "the query has the index's width");
+                let mut query = query.to_vec();
+                unit(&mut query);
+                (graph.nearest(&query, k, except), SearchMethod::Approximate)
+            }
+            None => (self.nearest(query, k, except), SearchMethod::Exact),
+        }
     }
 
     /// The `k` images most similar to `query` by cosine similarity, most

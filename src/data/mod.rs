@@ -2,9 +2,11 @@
 //! decoding and resizing, the on-disk manifest of a dataset, loading a dataset
 //! into a uint8 tensor, stratified splits for few-label training, the order
 //! of the images in training batches, augmentation, label files sent after
-//! the upload, the `.npy` embeddings of a dataset searched by similarity
+//! the upload, the `.npy` embeddings of a dataset searched by similarity (exactly, or
+//! through an approximate graph when large)
 //! and projected to a 2-D map, and the choice of which images to label next.
 
+pub mod approximate;
 pub mod archive;
 pub mod augment;
 pub mod batches;
@@ -18,3 +20,4 @@ pub mod npy;
 pub mod projection;
 pub mod selection;
 pub mod split;
+pub mod vectors;

@@ -1,6 +1,8 @@
 //! `/v1/datasets`: archive uploads streamed to disk, then ingested on a
 //! blocking thread; listing, reading and deleting datasets.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -296,11 +298,18 @@ pub async fn tenant_dataset(
 }
 
 /// The manifest of dataset `id`, fetched from shared storage when needed.
-pub async fn read_manifest(state: &AppState, id: Uuid) -> Result<Manifest, ApiError> {
+pub async fn read_manifest(state: &AppState, id: Uuid) -> Result<Arc<Manifest>, ApiError> {
+    if let Some(manifest) = state.manifests.get(&id) {
+        return Ok(manifest);
+    }
     state.storage.fetch_dataset(id).await?;
     let dataset_dir = state.storage.dataset_dir(id);
-    tokio::task::spawn_blocking(move || Manifest::read(&dataset_dir))
+    let manifest = tokio::task::spawn_blocking(move || Manifest::read(&dataset_dir))
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("manifest thread failed: {e}")))?
-        .map_err(ApiError::Internal)
+        .map_err(ApiError::Internal)?;
+    // A stored dataset never changes, so neither does its manifest.
+    let manifest = Arc::new(manifest);
+    state.manifests.insert(id, manifest.clone());
+    Ok(manifest)
 }

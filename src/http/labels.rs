@@ -4,6 +4,8 @@
 //! version. Fine-tuning and evaluation use a dataset's latest labels unless
 //! their `config.label_version` names another.
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::Json;
 use serde::Serialize;
@@ -51,18 +53,27 @@ pub async fn labels_at(
     dataset: &Dataset,
     manifest: &Manifest,
     version: i32,
-) -> Result<LabelSet, ApiError> {
-    if version == 0 {
-        return Ok(LabelSet::from_manifest(manifest));
+) -> Result<Arc<LabelSet>, ApiError> {
+    let key = (dataset.id, version);
+    if let Some(labels) = state.label_sets.get(&key) {
+        return Ok(labels);
     }
-    get_label_set(&state.pool, dataset.id, version)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!(
-                "dataset {} has no label version {version}",
-                dataset.id
-            ))
-        })
+    let labels = if version == 0 {
+        LabelSet::from_manifest(manifest)
+    } else {
+        get_label_set(&state.pool, dataset.id, version)
+            .await?
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!(
+                    "dataset {} has no label version {version}",
+                    dataset.id
+                ))
+            })?
+    };
+    // A label-set version is never changed once written.
+    let labels = Arc::new(labels);
+    state.label_sets.insert(key, labels.clone());
+    Ok(labels)
 }
 
 fn label_file_format(request: &Request) -> Result<LabelFileFormat, ApiError> {

@@ -141,7 +141,7 @@ fn evenly_spaced(total: usize, limit: usize) -> impl Iterator<Item = usize> {
 
 /// The projection of an embed job's embeddings, from memory or computed.
 async fn projection(state: &AppState, embed_job_id: Uuid) -> Result<Arc<Projection>, ApiError> {
-    if let Some(projection) = state.projections.get(embed_job_id) {
+    if let Some(projection) = state.projections.get(&embed_job_id) {
         return Ok(projection);
     }
     let index = embedding_index(state, embed_job_id).await?;

@@ -1,6 +1,7 @@
 //! The HTTP layer: the router, shared state, extractors and the problem+json
 //! error type. Handlers validate, call `db`, `data` and `ml`, and shape JSON.
 
+pub mod cache;
 pub mod dashboard;
 pub mod datasets;
 pub mod deadline;
@@ -27,13 +28,19 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
+use uuid::Uuid;
 
 use crate::auth::middleware::require_key;
 use crate::auth::{Auth, AuthState};
 use crate::config::ServeConfig;
+use crate::data::embeddings::EmbeddingIndex;
+use crate::data::labels::LabelSet;
+use crate::data::manifest::Manifest;
+use crate::data::projection::Projection;
 use crate::db::job_events::JobEvents;
 use crate::ml::inference::InferenceExecutor;
 use crate::storage::Storage;
+use cache::RecentlyUsed;
 use error::ApiError;
 
 /// What every handler can reach.
@@ -51,10 +58,14 @@ pub struct AppState {
     pub job_events: JobEvents,
     /// Authentication and rate limiting of `/v1`.
     pub auth: Arc<Auth>,
-    /// Dataset embeddings read for similarity search.
-    pub embeddings: search::EmbedJobCache<crate::data::embeddings::EmbeddingIndex>,
-    /// 2-D maps of dataset embeddings, for the dashboard.
-    pub projections: search::EmbedJobCache<crate::data::projection::Projection>,
+    /// Dataset embeddings read for similarity search, by embed job.
+    pub embeddings: RecentlyUsed<Uuid, EmbeddingIndex>,
+    /// 2-D maps of dataset embeddings, for the dashboard, by embed job.
+    pub projections: RecentlyUsed<Uuid, Projection>,
+    /// Datasets' manifests, by dataset.
+    pub manifests: RecentlyUsed<Uuid, Manifest>,
+    /// Label-set versions, by dataset and version.
+    pub label_sets: RecentlyUsed<(Uuid, i32), LabelSet>,
 }
 
 /// The `/v1` gate's part of the state.

@@ -3,9 +3,12 @@
 //! the cosine similarity of a model's embeddings. The dataset's embeddings
 //! are those of the latest embed job that succeeded for this dataset and
 //! model; once read they stay in memory (a few indexes, the least recently
-//! used dropped first), so a query costs one pass over the matrix.
+//! used dropped first), so a query costs one pass over the matrix. A dataset
+//! of `PRETEXT_ANN_MIN_IMAGES` or more also gets an HNSW graph, built in the
+//! background once its embeddings are read; searches go through it once it
+//! is there, and say which way they went.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::Json;
@@ -19,7 +22,8 @@ use super::labels::labels_at;
 use super::models::{find_model, infer};
 use super::AppState;
 use crate::auth::Tenant;
-use crate::data::embeddings::{EmbeddingIndex, Neighbour};
+use crate::data::embeddings::EmbeddingIndex;
+use crate::data::vectors::Neighbour;
 use crate::db::datasets::Dataset;
 use crate::db::jobs::latest_embed_job;
 use crate::ml::dataset_inference::EMBEDDINGS_FILE;
@@ -27,49 +31,6 @@ use crate::ml::inference::{InferenceOutput, InferenceTask};
 
 /// Most neighbours one search returns.
 const MAX_K: i64 = 1000;
-
-/// Indexes (and maps) kept in memory at once.
-const CACHED_ENTRIES: usize = 4;
-
-/// Something computed from an embed job's outputs, by that job's id.
-type CachedEntry<T> = (Uuid, Arc<T>);
-
-/// What was read or computed from embed jobs' outputs (their embedding
-/// indexes, their maps), by the embed job, a few at once, most recently
-/// used last.
-pub struct EmbedJobCache<T>(Arc<Mutex<Vec<CachedEntry<T>>>>);
-
-impl<T> Default for EmbedJobCache<T> {
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(Vec::new())))
-    }
-}
-
-impl<T> Clone for EmbedJobCache<T> {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
-}
-
-impl<T> EmbedJobCache<T> {
-    pub(super) fn get(&self, job_id: Uuid) -> Option<Arc<T>> {
-        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let position = entries.iter().position(|(id, _)| *id == job_id)?;
-        let entry = entries.remove(position);
-        let value = entry.1.clone();
-        entries.push(entry);
-        Some(value)
-    }
-
-    pub(super) fn insert(&self, job_id: Uuid, value: Arc<T>) {
-        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|(id, _)| *id != job_id);
-        if entries.len() >= CACHED_ENTRIES {
-            entries.remove(0);
-        }
-        entries.push((job_id, value));
-    }
-}
 
 /// Query of `POST /v1/datasets/{id}/search`.
 #[derive(Debug, Deserialize)]
@@ -100,6 +61,9 @@ pub struct SearchResult {
     pub model_id: Uuid,
     /// The embed job whose embeddings were searched.
     pub embed_job_id: Uuid,
+    /// `exact` (every image scored) or `approximate` (through the HNSW
+    /// graph of a large dataset).
+    pub method: &'static str,
     pub results: Vec<Hit>,
 }
 
@@ -145,9 +109,9 @@ pub async fn search(
             None,
         ),
     };
-    let found = {
+    let (found, method) = {
         let index = index.clone();
-        tokio::task::spawn_blocking(move || index.nearest(&query, k, except))
+        tokio::task::spawn_blocking(move || index.search(&query, k, except))
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("search thread failed: {e}")))?
     };
@@ -156,6 +120,7 @@ pub async fn search(
         dataset_id: id,
         model_id: model.id,
         embed_job_id,
+        method: method.name(),
         results,
     }))
 }
@@ -220,7 +185,7 @@ pub(super) async fn embedding_index(
     state: &AppState,
     embed_job_id: Uuid,
 ) -> Result<Arc<EmbeddingIndex>, ApiError> {
-    if let Some(index) = state.embeddings.get(embed_job_id) {
+    if let Some(index) = state.embeddings.get(&embed_job_id) {
         return Ok(index);
     }
     if !state
@@ -246,6 +211,33 @@ pub(super) async fn embedding_index(
     .map_err(ApiError::Internal)?;
     let index = Arc::new(index);
     state.embeddings.insert(embed_job_id, index.clone());
+    if index.len() >= state.config.ann_min_images {
+        let graph = index.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            // On threads of its own, so that searches on the shared pool
+            // (exact ones meanwhile) do not queue behind the build.
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1).max(1));
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("ann-build-{i}"))
+                .build()
+            {
+                Ok(pool) => pool.install(|| graph.build_approximate()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no thread pool for the search graph; building it on the shared one");
+                    graph.build_approximate();
+                }
+            }
+            tracing::info!(
+                %embed_job_id,
+                images = graph.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "approximate search graph built"
+            );
+        });
+    }
     Ok(index)
 }
 

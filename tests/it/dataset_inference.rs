@@ -125,6 +125,7 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
     assert_eq!(found.status(), 200);
     let found: Value = found.json().await.unwrap();
     assert_eq!(found["embed_job_id"], job_id.as_str());
+    assert_eq!(found["method"], "exact", "24 images are searched exactly");
     let mut expected: Vec<(usize, f32)> = (0..24)
         .filter(|&i| i != 5)
         .map(|i| (i, cosine(row(5), row(i))))
@@ -237,6 +238,80 @@ async fn embeds_a_dataset_then_searches_it_by_image_id_and_by_upload() {
         .get(&format!("/v1/jobs/{job_id}/outputs/embeddings.npy"))
         .await;
     assert_problem(response, 404).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_dataset_is_searched_through_its_approximate_graph_once_built() {
+    // "Large" here is 10 images, so that a small dataset gets the graph.
+    let app = spawn_app_with(TestOptions {
+        workers: 0,
+        configure: Some(|config| config.ann_min_images = 10),
+        ..Default::default()
+    })
+    .await;
+    let entries = labelled_entries(10, 23);
+    let dataset = app.upload_zip(zip_archive(&entries)).await;
+    let dataset_id = dataset["id"].as_str().unwrap();
+    let model_id = small_classifier(&app, dataset_id).await;
+    let job_id = app
+        .create_job_id(
+            json!({"kind": "embed", "dataset_id": dataset_id, "base_model_id": model_id}),
+        )
+        .await;
+    app.run_until_succeeded(&job_id).await;
+    let response = download(&app, &job_id, "embeddings.npy").await;
+    let (rows, dim, values) = read_f32_matrix(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(rows, 30);
+    let row = |i: usize| &values[i * dim..(i + 1) * dim];
+
+    // The first search reads the embeddings and starts the graph; searches
+    // say how they went, and soon go through the graph.
+    let query = format!("model_id={model_id}&image_id=11&k=5");
+    let mut methods = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let found = app.search(dataset_id, &query, None).await;
+        assert_eq!(found.status(), 200);
+        last = found.json().await.unwrap();
+        methods.push(last["method"].as_str().unwrap().to_string());
+        if methods.last().unwrap() == "approximate" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        methods.last().map(String::as_str),
+        Some("approximate"),
+        "{methods:?}"
+    );
+    assert!(methods.iter().all(|m| m == "exact" || m == "approximate"));
+
+    // On 30 images the graph finds the exact neighbours, with their scores.
+    let mut expected: Vec<(usize, f32)> = (0..30)
+        .filter(|&i| i != 11)
+        .map(|i| (i, cosine(row(11), row(i))))
+        .collect();
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let results = last["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for (hit, (image, score)) in results.iter().zip(&expected) {
+        assert_eq!(hit["image_id"], *image, "{last}");
+        assert!((hit["score"].as_f64().unwrap() as f32 - score).abs() < 1e-4);
+    }
+    // An uploaded image goes through the graph too.
+    let found: Value = app
+        .search(
+            dataset_id,
+            &format!("model_id={model_id}&k=1"),
+            Some(entries[3].1.clone()),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["method"], "approximate");
+    assert_eq!(found["results"][0]["image_id"], 3, "{found}");
     app.stop().await;
 }
 
