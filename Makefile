@@ -4,7 +4,8 @@
 VENV ?= .venv
 TORCH_VERSION := 2.11.0
 TORCHVISION_VERSION := 0.26.0
-SETUP_STAMP := $(VENV)/.pretext-setup-$(TORCH_VERSION)-2
+SETUP_STAMP := $(VENV)/.pretext-setup-$(TORCH_VERSION)-3
+SCHEMATHESIS_VERSION := 4.32.5
 
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -19,10 +20,11 @@ $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
-		torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) safetensors 'moto[server]'
+		torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) safetensors 'moto[server]' \
+		schemathesis==$(SCHEMATHESIS_VERSION)
 	touch $@
 
-## setup: install LibTorch (torch $(TORCH_VERSION) from PyPI) into $(VENV)
+## setup: install LibTorch (torch $(TORCH_VERSION) from PyPI), moto and Schemathesis into $(VENV)
 setup: $(SETUP_STAMP)
 
 ## bench-setup: the serving benchmark's reference server (FastAPI + uvicorn) and the label-efficiency plot (matplotlib) in $(VENV)

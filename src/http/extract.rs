@@ -4,13 +4,56 @@
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Request};
 use axum::http::header;
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
 
-/// `axum::Json` with problem+json rejections.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON body with problem+json rejections. Like `axum::Json`, except
+/// that a whole number written with a fraction (`5.0`) is read as the
+/// integer it is: JSON Schema, and so the OpenAPI description, counts it as
+/// an integer.
 pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(mut value) = axum::Json::<Value>::from_request(request, state).await?;
+        whole_numbers_as_integers(&mut value);
+        serde_path_to_error::deserialize(value)
+            .map(ApiJson)
+            .map_err(|e| ApiError::Unprocessable {
+                detail: format!(
+                    "the JSON body does not match the schema: Failed to deserialize the JSON \
+                     body into the target type: {e}"
+                ),
+                errors: Vec::new(),
+            })
+    }
+}
+
+/// Rewrites every float of `value` that is a whole number within `i64`'s
+/// range as that integer.
+fn whole_numbers_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(number) if !number.is_i64() && !number.is_u64() => {
+            if let Some(float) = number.as_f64() {
+                // 2^63: the first whole number past i64::MAX.
+                if float.fract() == 0.0 && float.abs() < 9_223_372_036_854_775_808.0 {
+                    *value = Value::from(float as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
+}
 
 /// `axum::extract::Path` with problem+json rejections.
 #[derive(FromRequestParts)]
@@ -103,5 +146,24 @@ pub async fn read_images(
             "send an image (`Content-Type: image/png`, `image/jpeg`, …) or multipart/form-data with image parts, not `{}`",
             other.unwrap_or("no content type")
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_floats_become_integers_and_fractions_stay() {
+        let mut value = json!({"max_attempts": 5.0, "config": {"epochs": 20.0, "lr": 0.5,
+            "sizes": [1.0, 2.5, -3.0], "huge": 1e300, "name": "x"}});
+        whole_numbers_as_integers(&mut value);
+        assert_eq!(
+            value,
+            json!({"max_attempts": 5, "config": {"epochs": 20, "lr": 0.5,
+                "sizes": [1, 2.5, -3], "huge": 1e300, "name": "x"}})
+        );
+        assert!(value["max_attempts"].is_i64());
     }
 }

@@ -10,6 +10,7 @@ mod common;
 
 mod batching;
 mod cli;
+mod contract;
 mod dashboard;
 mod dataset_inference;
 mod datasets;
