@@ -10,8 +10,7 @@
 // screenshots are written there. The server must have a dataset named
 // "shapes" (labelled: disc, horizontal, vertical) and a pretraining job on it.
 
-import { chromium } from "playwright-core";
-import { existsSync } from "node:fs";
+import { check, launchChromium } from "./harness.mjs";
 import { join } from "node:path";
 
 const [baseUrl, dir, API_KEY] = process.argv.slice(2);
@@ -20,33 +19,12 @@ if (!baseUrl || !dir || !API_KEY) {
   process.exit(2);
 }
 
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const JOB_TIMEOUT_MS = 240_000;
 const FINETUNE_CONFIG = { transfer: "fine_tune", epochs: 15, min_steps: 60, batch_size: 16, learning_rate: 0.003, val_fraction: 0.2 };
 
-function check(condition, message) {
-  if (!condition) throw new Error(message);
-  console.log(`ok - ${message}`);
-}
 
-if (!existsSync(CHROMIUM)) {
-  console.error(`${CHROMIUM} is missing: run \`make browser-setup\` (apt-get install chromium)`);
-  process.exit(2);
-}
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launchChromium();
 const context = await browser.newContext({ viewport: { width: 1366, height: 860 } });
 const page = await context.newPage();
 

@@ -9,8 +9,7 @@
 // 00.png … 23.png, where image n is a disc, a horizontal or a vertical bar as
 // n % 3 is 0, 1 or 2, and one encoder pretrained on it. Screenshots go to <dir>.
 
-import { chromium } from "playwright-core";
-import { existsSync } from "node:fs";
+import { check, launchChromium } from "./harness.mjs";
 import { join } from "node:path";
 
 const [baseUrl, dir, API_KEY] = process.argv.slice(2);
@@ -18,27 +17,15 @@ if (!baseUrl || !dir || !API_KEY) {
   console.error("usage: node explore.mjs <base-url> <dir> <api-key>");
   process.exit(2);
 }
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const CLASSES = ["disc", "horizontal", "vertical"];
 const IMAGES = 24;
 const BUDGET = 6;
 const NO_CLASS = "#c7cbd6";
 const JOB_TIMEOUT_MS = 120_000;
 
-function check(condition, message) {
-  if (!condition) throw new Error(message);
-  console.log(`ok - ${message}`);
-}
 
-if (!existsSync(CHROMIUM)) {
-  console.error(`${CHROMIUM} is missing: run \`make browser-setup\` (apt-get install chromium)`);
-  process.exit(2);
-}
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launchChromium();
 const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
 await context.addInitScript((key) => localStorage.setItem("pretext.apiKey", key), API_KEY);
 const page = await context.newPage();
