@@ -129,6 +129,25 @@ pub struct ServeConfig {
     #[arg(long, env = "PRETEXT_AUTH_FAILURE_WINDOW_SECS", default_value_t = 60)]
     pub auth_failure_window_secs: u64,
 
+    /// Bytes of stored datasets each tenant may hold; an upload past it is
+    /// refused with 413. 0 turns the quota off.
+    #[arg(long, env = "PRETEXT_QUOTA_STORED_BYTES", default_value_t = 100 << 30)]
+    pub quota_stored_bytes: u64,
+
+    /// Datasets each tenant may hold; 0 turns the quota off.
+    #[arg(long, env = "PRETEXT_QUOTA_DATASETS", default_value_t = 1000)]
+    pub quota_datasets: u64,
+
+    /// Models each tenant may hold (a pretrain or finetune job past it is
+    /// refused at submission); 0 turns the quota off.
+    #[arg(long, env = "PRETEXT_QUOTA_MODELS", default_value_t = 1000)]
+    pub quota_models: u64,
+
+    /// Jobs each tenant may have queued or running at once; 0 turns the
+    /// quota off.
+    #[arg(long, env = "PRETEXT_QUOTA_ACTIVE_JOBS", default_value_t = 100)]
+    pub quota_active_jobs: u64,
+
     /// Seconds an ordinary request may take before it is answered 504
     /// (uploads and event streams excepted); 0 turns the deadline off.
     #[arg(long, env = "PRETEXT_REQUEST_TIMEOUT_SECS", default_value_t = 60)]

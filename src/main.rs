@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API and the training workers (the default).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Run training workers alone, without the HTTP API.
     Worker(WorkerConfig),
     /// Create, list and revoke API keys (directly in the database).
@@ -72,7 +72,7 @@ async fn main() {
         tune_allocator();
     }
     let config = match cli.command {
-        Some(Command::Serve(config)) => config,
+        Some(Command::Serve(config)) => *config,
         Some(Command::Worker(config)) => {
             DecodeBudget::install(config.decode_memory_bytes);
             exit_on_error(run_workers(config).await)

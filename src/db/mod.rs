@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod keys;
 pub mod label_sets;
 pub mod models;
+pub mod quotas;
 pub mod selections;
 
 use std::time::Duration;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::extract::{media_type, ApiPath, ApiQuery};
+use super::quotas::{check_stored_dataset, check_upload};
 use super::AppState;
 use crate::auth::Tenant;
 use crate::data::archive::{detect_kind, ingest_archive, ArchiveLimits, IngestError};
@@ -164,6 +165,12 @@ pub async fn upload(
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    check_upload(&state, &tenant, declared_length).await?;
     // Removed below once answered, or in the background when this future is
     // dropped first (past the deadline, or the client went away).
     let upload = state.storage.new_upload();
@@ -224,6 +231,7 @@ async fn ingest_upload(
         .map_err(|_| ApiError::Internal(anyhow::anyhow!("the ingestion thread failed")))?;
     let stored = async {
         let report = report?;
+        check_stored_dataset(state, tenant, report.bytes).await?;
         state
             .storage
             .publish_dataset(id)

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::datasets::list_limit;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::quotas::check_job;
 use super::AppState;
 use crate::auth::Tenant;
 use crate::db::datasets::{get_dataset, Dataset};
@@ -297,6 +298,12 @@ pub async fn create(
     let dataset = get_dataset(&state.pool, tenant.id, request.dataset_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {}", request.dataset_id)))?;
+    check_job(
+        &state,
+        &tenant,
+        matches!(kind, JobKind::Pretrain | JobKind::Finetune),
+    )
+    .await?;
     let base = match request.base_model_id {
         Some(id) => Some(
             get_model(&state.pool, tenant.id, id)

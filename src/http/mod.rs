@@ -15,6 +15,7 @@ pub mod labels;
 pub mod map;
 pub mod metrics;
 pub mod models;
+pub mod quotas;
 pub mod samples;
 pub mod search;
 pub mod selections;

@@ -70,8 +70,10 @@ async fn concurrent_uploads_submissions_and_classifications_lose_nothing() {
         spawn_app_with(TestOptions {
             workers: 0,
             environment: Some(environment.clone()),
-            // One key sends everything here; the per-key limit is not under test.
+            // One key sends everything here; the per-key limit and the
+            // tenant's quota of queued jobs are not under test.
             rate_limit: Some((0.0, 0)),
+            configure: Some(|config| config.quota_active_jobs = 0),
             ..Default::default()
         })
         .await,

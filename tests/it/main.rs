@@ -25,6 +25,7 @@ mod labels;
 mod load;
 mod metrics;
 mod pretext;
+mod quotas;
 mod resume;
 mod scale_out;
 mod selections;
