@@ -14,7 +14,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pretext
 export SQLX_OFFLINE := true
 SQLX_CLI_VERSION := 0.8.6
 
-.PHONY: setup build run test lint check-postgres check-sqlx sqlx-prepare sqlx-setup browser-setup bench-train bench-setup bench-labels
+.PHONY: setup build run test lint check-postgres check-sqlx sqlx-prepare sqlx-setup browser-setup bench-train bench-setup bench-labels fuzz
 
 $(SETUP_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install LibTorch (apt-get install python3 python3-venv)"; exit 1; }
@@ -90,6 +90,13 @@ browser-setup: $(BROWSER_TEST_DIR)/node_modules/.installed
 		echo "Installing Debian's chromium for the dashboard's browser test"; \
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+FUZZ_SECS ?= 600
+FUZZ_SEED ?= 1
+
+## fuzz: the parser fuzzers of tests/fuzz for FUZZ_SECS seconds each (default 600; make test runs them for 30 s), seed FUZZ_SEED
+fuzz: setup
+	PRETEXT_FUZZ_SECS=$(FUZZ_SECS) PRETEXT_FUZZ_SEED=$(FUZZ_SEED) cargo test --locked --test fuzz -- --nocapture --test-threads=2
 
 ## test: set everything up, lint, and run the whole test suite (the browser test included)
 test: setup check-postgres lint check-sqlx browser-setup

@@ -52,7 +52,9 @@ impl FieldChecker {
     }
 
     /// The value of an integer field (`default` when absent), checked to lie
-    /// in `[min, max]`.
+    /// in `[min, max]`. A value outside is recorded as an error and returned
+    /// clamped into the range, so that what is derived from it while the
+    /// rest is checked cannot overflow.
     pub fn int(
         &mut self,
         field: &str,
@@ -68,11 +70,12 @@ impl FieldChecker {
                 format!("must be between {min} and {max} (got {value})"),
             ));
         }
-        value
+        value.max(min).min(max)
     }
 
     /// The value of a float field (`default` when absent), checked to be
-    /// finite and in `[min, max]` (or `(min, max]` when `min_exclusive`).
+    /// finite and in `[min, max]` (or `(min, max]` when `min_exclusive`);
+    /// one that is not is recorded as an error and `default` is returned.
     pub fn float(
         &mut self,
         field: &str,
@@ -94,6 +97,7 @@ impl FieldChecker {
                 field,
                 format!("must be in {open}{min}, {max}] (got {value})"),
             ));
+            return default;
         }
         value
     }

@@ -861,6 +861,15 @@ mod tests {
         assert_eq!(fields, ["config.epochs", "config.batch_size"]);
     }
 
+    /// Found by the config fuzzer: a grid whose square overflows made the
+    /// permutation count's check panic instead of naming the field.
+    #[test]
+    fn a_grid_whose_square_overflows_is_named_not_a_panic() {
+        let errors = pretrain(serde_json::json!({"grid": 3_037_000_500_i64})).unwrap_err();
+        assert_eq!(errors[0].field, "config.grid", "{errors:?}");
+        assert!(errors[0].message.contains("between 2 and 4"), "{errors:?}");
+    }
+
     #[test]
     fn finetune_backbone_must_match_the_base() {
         let from = DefaultsFrom {
