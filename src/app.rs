@@ -219,6 +219,7 @@ impl Workers {
             lease: Duration::from_secs(config.lease_secs.max(1)),
             poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
             max_image_pixels: config.max_image_pixels,
+            retry_backoff: Duration::from_secs(config.retry_backoff_secs),
         };
         Ok(Self {
             storage,

@@ -45,6 +45,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "PRETEXT_POLL_INTERVAL_MS", default_value_t = 2000)]
     pub poll_interval_ms: u64,
 
+    /// Seconds before a job that failed for a cause that may pass (a full
+    /// disk, an unreachable object store) is tried again; doubled at each
+    /// further attempt, at most 10 minutes; 0 tries again at once.
+    #[arg(long, env = "PRETEXT_RETRY_BACKOFF_SECS", default_value_t = 30)]
+    pub retry_backoff_secs: u64,
+
     /// Most pixels (width × height) one image may claim before it is refused.
     #[arg(long, env = "PRETEXT_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
     pub max_image_pixels: u64,

@@ -48,6 +48,34 @@ pub async fn connect_and_migrate(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
+/// Whether `error` says that Postgres could not be reached (refused, timed
+/// out, shutting down, the connection lost) rather than that the query was
+/// wrong: a fault that passes once the database is back.
+pub fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08 is a connection exception; 57P01 to 57P03 an
+        // administrator's shutdown, a crash shutdown, or a server starting.
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+        _ => false,
+    }
+}
+
+/// Whether any cause in `error`'s chain is an [`is_unreachable`] database.
+pub fn caused_by_unreachable_database(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(is_unreachable)
+    })
+}
+
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 503: temporarily unable; retry after the given seconds.
     #[error("{detail}")]
     Unavailable { detail: String, retry_after: u64 },
+    /// 507: the server's disk is full; nothing was stored.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 504: the request took longer than the server's deadline for it.
     #[error("{0}")]
     Timeout(String),
@@ -112,6 +115,11 @@ impl ApiError {
                 "Too many requests",
             ),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "Request timed out"),
+            ApiError::InsufficientStorage(_) => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient-storage",
+                "Insufficient storage",
+            ),
             ApiError::Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -174,10 +182,58 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// Seconds a client is asked to wait while the database is unreachable.
+const DATABASE_RETRY_AFTER_SECS: u64 = 5;
+/// Seconds a client is asked to wait while the object store is unreachable
+/// (each request has already been retried for a while).
+const OBJECT_STORE_RETRY_AFTER_SECS: u64 = 30;
+
+impl ApiError {
+    /// A server fault with a cause that passes is answered as such: a
+    /// database or object store that cannot be reached is a 503 to retry, a
+    /// full disk a 507.
+    fn with_passing_cause(self) -> Self {
+        match self {
+            ApiError::Internal(error) if crate::db::caused_by_unreachable_database(&error) => {
+                tracing::warn!(error = format!("{error:#}"), "the database is unreachable");
+                ApiError::Unavailable {
+                    detail: format!(
+                        "the database is unreachable; retry in {DATABASE_RETRY_AFTER_SECS} s"
+                    ),
+                    retry_after: DATABASE_RETRY_AFTER_SECS,
+                }
+            }
+            ApiError::Internal(error) if crate::storage::object::is_unreachable(&error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "the object store is unreachable"
+                );
+                ApiError::Unavailable {
+                    detail: format!(
+                        "the object store is unreachable, so nothing was changed; retry in \
+                         {OBJECT_STORE_RETRY_AFTER_SECS} s"
+                    ),
+                    retry_after: OBJECT_STORE_RETRY_AFTER_SECS,
+                }
+            }
+            ApiError::Internal(error) if crate::storage::is_storage_full(&error) => {
+                tracing::error!(error = format!("{error:#}"), "the disk is full");
+                ApiError::InsufficientStorage(
+                    "the server's disk is full (no space left on device), so nothing was \
+                     stored; retry once its operator has freed space"
+                        .to_string(),
+                )
+            }
+            other => other,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, slug, title) = self.parts();
-        let (detail, errors) = match &self {
+        let this = self.with_passing_cause();
+        let (status, slug, title) = this.parts();
+        let (detail, errors) = match &this {
             ApiError::Unprocessable { detail, errors } => (detail.clone(), errors.as_slice()),
             ApiError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "request failed");
@@ -200,7 +256,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        match self {
+        match this {
             ApiError::Unavailable { retry_after, .. }
             | ApiError::TooManyRequests { retry_after, .. } => {
                 response

@@ -33,10 +33,11 @@ pub async fn claim_next_job(
              lease_expires_at = now() + make_interval(secs => $2),
              device = $3,
              started_at = coalesce(started_at, now()),
-             error = null
+             error = null,
+             retry_after = null
          where id = (
              select id from jobs
-             where state = 'queued'
+             where state = 'queued' and (retry_after is null or retry_after <= now())
              order by created_at, id
              for update skip locked
              limit 1
@@ -273,12 +274,15 @@ pub enum JobEnd {
     Released,
 }
 
-/// Ends (or re-queues) a job this worker holds; fenced on the lease.
+/// Ends (or re-queues) a job this worker holds; fenced on the lease. A job
+/// queued again after a [`JobEnd::Retryable`] end is not claimed before
+/// `retry_in` has passed.
 pub async fn finish_job(
     pool: &PgPool,
     job_id: Uuid,
     owner: Uuid,
     end: &JobEnd,
+    retry_in: Duration,
 ) -> sqlx::Result<bool> {
     // The state to set; `None`: back to the queue unless no attempt is left.
     let (state, error, attempts_delta) = match end {
@@ -298,14 +302,19 @@ pub async fn finish_job(
                                         else 'queued'::job_state end) = 'queued' then null
                  else now() end,
              lease_owner = null,
-             lease_expires_at = null
+             lease_expires_at = null,
+             retry_after = case when $6::float8 > 0 then now() + make_interval(secs => $6::float8) end
          where id = $1 and lease_owner = $2 and state = 'running'
          returning state as "state: JobState""#,
         job_id,
         owner,
         error,
         attempts_delta,
-        state as Option<JobState>
+        state as Option<JobState>,
+        match end {
+            JobEnd::Retryable(_) => retry_in.as_secs_f64(),
+            _ => 0.0,
+        }
     )
     .fetch_optional(pool)
     .await?;

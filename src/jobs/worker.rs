@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::postgres::PgListener;
@@ -53,7 +53,13 @@ pub struct WorkerSettings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub max_image_pixels: u64,
+    /// The wait before a job that failed for a passing cause is tried
+    /// again; doubled at each further attempt, up to [`MAX_RETRY_BACKOFF`].
+    pub retry_backoff: Duration,
 }
+
+/// The longest wait between two attempts of a job.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(600);
 
 /// What a claimed job runs on, looked up and fetched before it is handed to
 /// the training thread.
@@ -232,6 +238,12 @@ fn describe_failure(error: &anyhow::Error, spec: &JobSpec) -> JobEnd {
             "out of memory at batch_size {batch}; lower config.batch_size or config.image_size ({message})"
         ));
     }
+    if crate::storage::is_storage_full(error) {
+        return JobEnd::Retryable(format!(
+            "the server's disk is full (no space left on device); the job is retried while \
+             attempts remain, from its last checkpoint, once space is freed ({message})"
+        ));
+    }
     if is_permanent(error) {
         JobEnd::Failed(message)
     } else {
@@ -295,7 +307,7 @@ impl Worker {
         let prepared = match self.prepare(&job).await? {
             Ok(prepared) => prepared,
             Err(end) => {
-                finish_job(&self.pool, job.id, self.id, &end).await?;
+                self.finish(&job, end).await?;
                 return Ok(());
             }
         };
@@ -573,12 +585,12 @@ impl Worker {
                 self.settle_outputs(job, &outputs, done).await?;
             }
             Ok(TrainingOutcome::Stopped(StopReason::Cancel)) => {
-                finish_job(&self.pool, job.id, self.id, &JobEnd::Cancelled).await?;
+                self.finish(job, JobEnd::Cancelled).await?;
                 self.storage.remove_checkpoint(job.id).await?;
                 tracing::info!(job_id = %job.id, "job cancelled");
             }
             Ok(TrainingOutcome::Stopped(StopReason::Release)) => {
-                finish_job(&self.pool, job.id, self.id, &JobEnd::Released).await?;
+                self.finish(job, JobEnd::Released).await?;
                 tracing::info!(job_id = %job.id, "job released back to the queue");
             }
             Err(error) => {
@@ -586,7 +598,7 @@ impl Worker {
                 tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "job failed");
                 // A file written before the failure is not served.
                 self.storage.remove_job_outputs(job.id).await?;
-                finish_job(&self.pool, job.id, self.id, &end).await?;
+                self.finish(job, end).await?;
             }
         }
         Ok(())
@@ -605,7 +617,7 @@ impl Worker {
             tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "outputs not published");
             self.storage.remove_job_outputs(job.id).await?;
             let end = JobEnd::Retryable(format!("{error:#}"));
-            finish_job(&self.pool, job.id, self.id, &end).await?;
+            self.finish(job, end).await?;
             return Ok(());
         }
         if finish_with_outputs(&self.pool, job, self.id, outputs, done).await? {
@@ -641,7 +653,7 @@ impl Worker {
                 self.storage.remove_model(model_id).await?;
                 tracing::warn!(job_id = %job.id, error = format!("{error:#}"), "model not published");
                 let end = JobEnd::Retryable(format!("{error:#}"));
-                finish_job(&self.pool, job.id, self.id, &end).await?;
+                self.finish(job, end).await?;
                 return Ok(());
             }
         };
@@ -869,6 +881,29 @@ impl Worker {
         }
     }
 
+    /// Ends the job, or queues it again; a retry waits a backoff that
+    /// doubles with each attempt, and its error says when it comes.
+    async fn finish(&self, job: &Job, end: JobEnd) -> sqlx::Result<bool> {
+        let attempt = job.attempts.max(1);
+        let retry_in = self
+            .settings
+            .retry_backoff
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(MAX_RETRY_BACKOFF);
+        let end = match end {
+            JobEnd::Retryable(reason) if attempt < job.max_attempts => JobEnd::Retryable(format!(
+                "{reason}; attempt {attempt} of {}, the next in {} s",
+                job.max_attempts,
+                retry_in.as_secs()
+            )),
+            JobEnd::Retryable(reason) => {
+                JobEnd::Retryable(format!("{reason}; all {} attempts made", job.max_attempts))
+            }
+            other => other,
+        };
+        finish_job(&self.pool, job.id, self.id, &end, retry_in).await
+    }
+
     /// Writes a training event to the database; `false` if the lease is gone.
     async fn record_event(
         &self,
@@ -904,10 +939,26 @@ impl Worker {
             }
         };
         crate::telemetry::observe_training_report(&device_name(self.device), &metrics);
-        record_progress(
-            &self.pool, job.id, self.id, *progress, epoch, step, &metrics,
-        )
-        .await
+        // While the database is unreachable the write is retried, for as
+        // long as the lease would last, so that an outage loses no event.
+        let give_up_at = Instant::now() + self.settings.lease;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match record_progress(
+                &self.pool, job.id, self.id, *progress, epoch, step, &metrics,
+            )
+            .await
+            {
+                Err(error)
+                    if crate::db::is_unreachable(&error) && Instant::now() + wait < give_up_at =>
+                {
+                    tracing::warn!(job_id = %job.id, %error, retry_in = ?wait, "the database is unreachable; progress not yet recorded");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                written => return written,
+            }
+        }
     }
 
     /// Claims and runs jobs until `shutdown`, waking on notifications and

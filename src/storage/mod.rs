@@ -511,6 +511,19 @@ impl Drop for DatasetDraft {
     }
 }
 
+/// Whether `error` was caused by a full disk (or a spent disk quota), in
+/// its chain of causes or, for errors LibTorch reports as text, its message.
+pub fn is_storage_full(error: &anyhow::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(io.raw_os_error(), Some(ENOSPC | EDQUOT))
+        }) || cause.to_string().contains("No space left on device")
+    })
+}
+
 /// The temporary sibling a file is written to before it is renamed into place.
 pub fn temporary_sibling(path: &Path) -> PathBuf {
     let name = path

@@ -15,9 +15,10 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
+use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use tokio::io::AsyncWriteExt;
 
 use super::{temporary_sibling, MANIFEST_FILE};
@@ -29,13 +30,49 @@ pub struct ObjectMirror {
     url: String,
 }
 
+/// How long a request to the object store is retried, with exponential
+/// backoff, before it fails: `PRETEXT_OBJECT_STORE_RETRY_SECS`.
+const RETRY_SECS_VAR: &str = "PRETEXT_OBJECT_STORE_RETRY_SECS";
+const DEFAULT_RETRY_SECS: u64 = 60;
+
+/// Whether `error` says the object store could not be reached (refused,
+/// cut off or timed out, after the retries), a fault that passes.
+pub fn is_unreachable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<HttpError>().is_some_and(|http| {
+            matches!(
+                http.kind(),
+                HttpErrorKind::Connect
+                    | HttpErrorKind::Request
+                    | HttpErrorKind::Timeout
+                    | HttpErrorKind::Interrupted
+            )
+        })
+    })
+}
+
+fn retry_config() -> anyhow::Result<RetryConfig> {
+    let secs = match std::env::var(RETRY_SECS_VAR) {
+        Ok(value) => value.parse::<u64>().with_context(|| {
+            format!("{RETRY_SECS_VAR} must be a whole number of seconds, not {value:?}")
+        })?,
+        Err(_) => DEFAULT_RETRY_SECS,
+    };
+    Ok(RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(secs),
+    })
+}
+
 /// What a dataset's packed object holds: the manifest and the images, not
 /// any cache derived from them.
 const DATASET_ENTRIES: [&str; 2] = [MANIFEST_FILE, "images"];
 
 impl ObjectMirror {
     /// Connects to `s3://bucket/prefix`; endpoint, region and credentials
-    /// come from the standard `AWS_*` environment variables.
+    /// come from the standard `AWS_*` environment variables, and how long
+    /// requests are retried from `PRETEXT_OBJECT_STORE_RETRY_SECS`.
     pub fn s3(url: &str) -> anyhow::Result<Self> {
         let rest = url
             .strip_prefix("s3://")
@@ -47,6 +84,7 @@ impl ObjectMirror {
         );
         let s3 = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
+            .with_retry(retry_config()?)
             .build()
             .with_context(|| format!("Failed to configure object storage for {url}"))?;
         let prefix = prefix.trim_matches('/');

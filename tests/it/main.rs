@@ -17,6 +17,7 @@ mod datasets;
 mod end_to_end;
 mod evaluation;
 mod events;
+mod faults;
 mod hostile;
 mod images;
 mod interop;

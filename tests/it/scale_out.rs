@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::common::processes::{start_api, start_moto, start_worker};
+use crate::common::processes::{start_api, start_moto_or_skip, start_worker};
 use crate::common::{
     fresh_environment, labelled_entries, png, quick_pretrain_config, remove_environment,
     shape_image, zip_archive,
@@ -160,21 +160,11 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3() {
-    let moto = match start_moto().await {
-        Ok(moto) => moto,
-        // Under CI a missing dependency is a failure, not a skip.
-        Err(reason)
-            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
-        {
-            panic!("moto could not be started ({reason}); `make setup` installs moto[server]")
-        }
-        Err(reason) => {
-            eprintln!(
-                "\n!!!!! SKIPPED an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3: \
-                 moto could not be started ({reason}); `make setup` installs moto[server] !!!!!\n"
-            );
-            return;
-        }
+    let Some(moto) =
+        start_moto_or_skip("an_api_and_a_worker_with_separate_folders_share_artifacts_through_s3")
+            .await
+    else {
+        return;
     };
     let bucket = "pretext-test";
     moto.create_bucket(bucket).await;

@@ -16,7 +16,9 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub mod api;
+pub mod postgres;
 pub mod processes;
+pub mod proxy;
 
 pub use api::Api;
 
@@ -150,6 +152,8 @@ pub fn test_config(options: &TestOptions, database_url: &str, data_dir: PathBuf)
     config.inference_device = "cpu".to_string();
     config.worker.lease_secs = options.lease_secs;
     config.worker.poll_interval_ms = 200;
+    // The tests of retries want them at once; the fault tests set their own.
+    config.worker.retry_backoff_secs = 0;
     config.api_key = Some(TEST_API_KEY.to_string());
     if let Some((per_second, burst)) = options.rate_limit {
         config.rate_limit_per_second = per_second;
@@ -244,6 +248,7 @@ impl TestApp {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(200),
             max_image_pixels: defaults.worker.max_image_pixels,
+            retry_backoff: Duration::ZERO,
         };
         let worker = pretext::jobs::worker::Worker::new(pool, storage, tch::Device::Cpu, settings)
             .expect("a worker starts");

@@ -126,6 +126,20 @@ impl ApiProcess {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        send_sigterm(&self.child);
+    }
+}
+
+fn send_sigterm(child: &Child) {
+    let pid = child.id().expect("the process is running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// `pretext worker` in its own process, with its log kept.
@@ -185,12 +199,7 @@ impl WorkerChild {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let pid = self.child.id().expect("the worker is running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_sigterm(&self.child);
     }
 }
 
@@ -243,6 +252,26 @@ pub async fn start_moto() -> Result<S3Server, String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err("moto.server did not answer within 30 s".to_string())
+}
+
+/// Starts moto for `test`; without it, a failure under CI and a loud skip
+/// elsewhere.
+pub async fn start_moto_or_skip(test: &str) -> Option<S3Server> {
+    match start_moto().await {
+        Ok(moto) => Some(moto),
+        Err(reason)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            panic!("moto could not be started ({reason}); `make setup` installs moto[server]")
+        }
+        Err(reason) => {
+            eprintln!(
+                "\n!!!!! SKIPPED {test}: moto could not be started ({reason}); \
+                 `make setup` installs moto[server] !!!!!\n"
+            );
+            None
+        }
+    }
 }
 
 impl S3Server {
