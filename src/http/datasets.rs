@@ -40,13 +40,7 @@ pub struct ListParams {
 
 /// Validates a list `limit` (default 100).
 pub fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(100) {
-        l @ 1..=1000 => Ok(l),
-        other => Err(ApiError::field(
-            "limit",
-            format!("must be between 1 and 1000 (got {other})"),
-        )),
-    }
+    ApiError::check_range("limit", limit, 100, 1, 1000)
 }
 
 const ARCHIVE_TYPES: [&str; 8] = [

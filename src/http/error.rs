@@ -78,6 +78,24 @@ impl ApiError {
         }
     }
 
+    /// `value` (`default` when absent) when it lies in `[min, max]`, else a
+    /// 422 naming `field` and its range.
+    pub fn check_range(
+        field: &str,
+        value: Option<i64>,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<i64, Self> {
+        match value.unwrap_or(default) {
+            value if (min..=max).contains(&value) => Ok(value),
+            other => Err(ApiError::field(
+                field,
+                format!("must be between {min} and {max} (got {other})"),
+            )),
+        }
+    }
+
     /// A 422 listing several field errors.
     pub fn fields(errors: Vec<FieldError>) -> Self {
         let detail = errors

@@ -286,15 +286,8 @@ pub async fn create(
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let kind = parse_kind("kind", &request.kind)?;
-    let max_attempts = match request.max_attempts.unwrap_or(3) {
-        n @ 1..=10 => n as i32,
-        other => {
-            return Err(ApiError::field(
-                "max_attempts",
-                format!("must be between 1 and 10 (got {other})"),
-            ))
-        }
-    };
+    let max_attempts =
+        ApiError::check_range("max_attempts", request.max_attempts, 3, 1, 10)? as i32;
     let dataset = get_dataset(&state.pool, tenant.id, request.dataset_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {}", request.dataset_id)))?;

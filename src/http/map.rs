@@ -80,15 +80,8 @@ pub async fn map(
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<MapParams>,
 ) -> Result<Json<DatasetMap>, ApiError> {
-    let limit = match params.limit.unwrap_or(DEFAULT_POINTS) {
-        limit @ 1..=MAX_POINTS => limit as usize,
-        other => {
-            return Err(ApiError::field(
-                "limit",
-                format!("must be between 1 and {MAX_POINTS} (got {other})"),
-            ))
-        }
-    };
+    let limit =
+        ApiError::check_range("limit", params.limit, DEFAULT_POINTS, 1, MAX_POINTS)? as usize;
     let dataset = tenant_dataset(&state, &tenant, id).await?;
     let model = find_model(&state, &tenant, params.model_id).await?;
     let embed_job_id = embedded_by(&state, &tenant, id, model.id, "map it").await?;

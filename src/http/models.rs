@@ -272,15 +272,7 @@ pub async fn classify(
     ApiQuery(params): ApiQuery<ClassifyParams>,
     request: Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let top_k = match params.top_k.unwrap_or(5) {
-        k @ 1..=1000 => k as usize,
-        other => {
-            return Err(ApiError::field(
-                "top_k",
-                format!("must be between 1 and 1000 (got {other})"),
-            ))
-        }
-    };
+    let top_k = ApiError::check_range("top_k", params.top_k, 5, 1, 1000)? as usize;
     let model = find_model(&state, &tenant, id).await?;
     if model.kind != "classifier" {
         return Err(ApiError::Conflict(format!(

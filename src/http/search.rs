@@ -75,15 +75,7 @@ pub async fn search(
     ApiQuery(params): ApiQuery<SearchParams>,
     request: Request,
 ) -> Result<Json<SearchResult>, ApiError> {
-    let k = match params.k.unwrap_or(10) {
-        k @ 1..=MAX_K => k as usize,
-        other => {
-            return Err(ApiError::field(
-                "k",
-                format!("must be between 1 and {MAX_K} (got {other})"),
-            ))
-        }
-    };
+    let k = ApiError::check_range("k", params.k, 10, 1, MAX_K)? as usize;
     let dataset = tenant_dataset(&state, &tenant, id).await?;
     let model = find_model(&state, &tenant, params.model_id).await?;
     let embed_job_id = embedded_by(&state, &tenant, id, model.id, "search").await?;

@@ -81,15 +81,7 @@ pub async fn create(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(request): ApiJson<SelectionRequest>,
 ) -> Result<(StatusCode, Json<SelectionBody>), ApiError> {
-    if !(1..=MAX_BUDGET).contains(&request.budget) {
-        return Err(ApiError::field(
-            "budget",
-            format!(
-                "must be between 1 and {MAX_BUDGET} (got {})",
-                request.budget
-            ),
-        ));
-    }
+    ApiError::check_range("budget", Some(request.budget), 0, 1, MAX_BUDGET)?;
     let strategy_name = request.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
     let strategy = Strategy::from_name(strategy_name).ok_or_else(|| {
         ApiError::field(

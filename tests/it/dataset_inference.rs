@@ -285,7 +285,11 @@ async fn a_large_dataset_is_searched_through_its_approximate_graph_once_built() 
         Some("approximate"),
         "{methods:?}"
     );
-    assert!(methods.iter().all(|m| m == "exact" || m == "approximate"));
+    // Until the graph is ready, searches are exact.
+    assert!(
+        methods[..methods.len() - 1].iter().all(|m| m == "exact"),
+        "{methods:?}"
+    );
 
     // On 30 images the graph finds the exact neighbours, with their scores.
     let mut expected: Vec<(usize, f32)> = (0..30)
