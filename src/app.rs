@@ -94,6 +94,7 @@ impl Application {
             projections: Default::default(),
             manifests: Default::default(),
             label_sets: Default::default(),
+            probabilities: Default::default(),
         };
         Ok(Self {
             listener,

@@ -98,8 +98,8 @@ pub async fn map(
     let points = evenly_spaced(total, limit)
         .map(|image| {
             let [x, y] = projection.coordinates[image];
-            let predicted = probabilities.as_ref().and_then(|(values, classes)| {
-                let row = values.get(image * classes..(image + 1) * classes)?;
+            let predicted = probabilities.as_ref().and_then(|p| {
+                let row = p.values.get(image * p.classes..(image + 1) * p.classes)?;
                 let (class, &p) = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
                 Some((model.classes.get(class)?.clone(), p))
             });

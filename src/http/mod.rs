@@ -67,6 +67,8 @@ pub struct AppState {
     pub manifests: RecentlyUsed<Uuid, Manifest>,
     /// Label-set versions, by dataset and version.
     pub label_sets: RecentlyUsed<(Uuid, i32), LabelSet>,
+    /// A classifier's class probabilities over a dataset, by embed job.
+    pub probabilities: RecentlyUsed<Uuid, selections::ClassProbabilities>,
 }
 
 /// The `/v1` gate's part of the state.

@@ -4,6 +4,8 @@
 //! probabilities), leaving out the images its latest labels already cover;
 //! stored, and read back with `GET /v1/datasets/{id}/selections/{selection_id}`.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -137,7 +139,7 @@ pub async fn create(
             dim: index.dim(),
             probabilities: probabilities
                 .as_ref()
-                .map(|(values, classes)| (values.as_slice(), *classes)),
+                .map(|p| (p.values.as_slice(), p.classes)),
             labelled: &labelled,
         };
         select(&input, strategy, budget, seed as u64)
@@ -172,11 +174,21 @@ pub async fn create(
     ))
 }
 
-/// A classifier's probabilities from an embed job: `(values, classes)`.
+/// A classifier's class probabilities for every image of a dataset, as an
+/// embed job wrote them: one row of `classes` values per image.
+pub struct ClassProbabilities {
+    pub values: Vec<f32>,
+    pub classes: usize,
+}
+
+/// The probabilities an embed job wrote, read once and then cached.
 pub(super) async fn read_probabilities(
     state: &AppState,
     embed_job_id: Uuid,
-) -> Result<(Vec<f32>, usize), ApiError> {
+) -> Result<Arc<ClassProbabilities>, ApiError> {
+    if let Some(cached) = state.probabilities.get(&embed_job_id) {
+        return Ok(cached);
+    }
     if !state
         .storage
         .fetch_job_output(embed_job_id, PROBABILITIES_FILE)
@@ -198,7 +210,11 @@ pub(super) async fn read_probabilities(
     .await
     .map_err(|e| ApiError::Internal(anyhow::anyhow!("probabilities thread failed: {e}")))?
     .map_err(ApiError::Internal)?;
-    Ok((values, classes))
+    let probabilities = Arc::new(ClassProbabilities { values, classes });
+    state
+        .probabilities
+        .insert(embed_job_id, probabilities.clone());
+    Ok(probabilities)
 }
 
 /// `GET /v1/datasets/{id}/selections/{selection_id}`
