@@ -137,15 +137,7 @@ async fn a_worker_stopped_with_sigterm_requeues_its_job_at_its_checkpoint_and_an
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["progress"]["step"], 150);
     // The second worker started from the checkpoint: no step up to it was trained twice.
-    let metrics = api
-        .get_json(&format!("/v1/jobs/{id}/metrics?name=loss"))
-        .await;
-    let steps: Vec<i64> = metrics["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["step"].as_i64().unwrap())
-        .collect();
+    let steps = api.metric_steps(&id, "loss").await;
     let before: Vec<i64> = steps.iter().copied().filter(|&s| s <= checkpoint).collect();
     let mut unique = before.clone();
     unique.dedup();

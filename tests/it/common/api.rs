@@ -143,6 +143,19 @@ impl Api {
         self.get_json(&format!("/v1/jobs/{id}")).await
     }
 
+    /// The steps at which job `id` recorded metric `name`, in order.
+    pub async fn metric_steps(&self, id: &str, name: &str) -> Vec<i64> {
+        let metrics = self
+            .get_json(&format!("/v1/jobs/{id}/metrics?name={name}"))
+            .await;
+        metrics["points"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no points: {metrics}"))
+            .iter()
+            .map(|p| p["step"].as_i64().unwrap())
+            .collect()
+    }
+
     /// Polls a job until `done` holds for it, or panics after `timeout`.
     pub async fn wait_for_job(
         &self,
