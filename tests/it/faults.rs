@@ -327,6 +327,71 @@ async fn a_checkpoint_written_to_a_full_disk_fails_the_attempt_clearly_and_the_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_written_to_a_full_disk_leaves_no_partial_weights_and_the_retry_stores_it() {
+    let disk = SmallDisk::mount(32);
+    let (database_url, _) = fresh_environment();
+    let data_dir = disk.dir.join("data");
+    let api = start_api(&database_url, &data_dir, &["--workers", "0"], &[]).await;
+    let dataset = api.upload_zip(zip_archive(&labelled_entries(12, 5))).await;
+    // Eight steps, less than an epoch, and no checkpoint: the first file
+    // the job writes is the model's weights.
+    let mut config = quick_pretrain_config();
+    config["max_steps"] = json!(8);
+    config["batch_size"] = json!(4);
+    config["checkpoint_interval_secs"] = json!(3600);
+    let filler = disk.fill_leaving(0);
+    let id = api
+        .create_job_id(json!({"kind": "pretrain", "dataset_id": dataset["id"],
+            "config": config, "max_attempts": 5}))
+        .await;
+    let backoff = [("PRETEXT_RETRY_BACKOFF_SECS".to_string(), "2".to_string())];
+    let worker = start_worker(&database_url, &data_dir, 30, &backoff).await;
+    let failed = api
+        .wait_for_job(&id, Duration::from_secs(120), |j| !j["error"].is_null())
+        .await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("disk is full"), "{error}");
+    assert!(
+        error.contains("/models/"),
+        "the weights' write failed: {error}"
+    );
+    assert_eq!(failed["state"], "queued", "{failed:#}");
+    assert!(temporary_files(&data_dir).is_empty());
+    let models_dir = data_dir.join("models");
+    let partial: Vec<_> = std::fs::read_dir(&models_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|model| {
+            std::fs::read_dir(model.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|file| file.path())
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "no file of the failed model: {partial:?}"
+    );
+    assert_eq!(api.get_json("/v1/models").await["models"], json!([]));
+    std::fs::remove_file(filler).unwrap();
+
+    let done = api.wait_for_success(&id, Duration::from_secs(120)).await;
+    assert_eq!(done["attempts"], 2, "{done:#}");
+    let weights = api
+        .get(&format!(
+            "/v1/models/{}/weights",
+            done["model_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(weights.status(), 200);
+    assert!(!weights.bytes().await.unwrap().is_empty());
+    tokio::join!(api.stop(), worker.stop());
+    remove_environment(&database_url, &data_dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_store_cut_off_is_retried_with_backoff_then_fails_clearly_and_nothing_half_written_is_served(
 ) {
     let Some(moto) = start_moto_or_skip("faults::an_object_store_cut_off_…").await else {
