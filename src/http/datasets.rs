@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
@@ -158,24 +158,46 @@ pub async fn upload(
     tenant: Tenant,
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Response {
+    match store_upload(&state, &tenant, params, request).await {
+        Ok(dataset) => {
+            let mut headers = HeaderMap::new();
+            if let Ok(location) = HeaderValue::from_str(&format!("/v1/datasets/{}", dataset.id)) {
+                headers.insert(header::LOCATION, location);
+            }
+            (StatusCode::CREATED, headers, Json(dataset)).into_response()
+        }
+        // A refused upload may be answered before its body was read, and the
+        // server then leaves the connection: `Connection: close` tells the
+        // client not to send its next request on it.
+        Err(error) => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+async fn store_upload(
+    state: &AppState,
+    tenant: &Tenant,
+    params: UploadParams,
+    request: Request,
+) -> Result<Dataset, ApiError> {
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    check_upload(&state, &tenant, declared_length).await?;
+    check_upload(state, tenant, declared_length).await?;
     // Removed below once answered, or in the background when this future is
     // dropped first (past the deadline, or the client went away).
     let upload = state.storage.new_upload();
-    let result = ingest_upload(&state, &tenant, params, request, upload.path()).await;
+    let result = ingest_upload(state, tenant, params, request, upload.path()).await;
     upload.remove().await;
-    let dataset = result?;
-    let mut headers = HeaderMap::new();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/datasets/{}", dataset.id)) {
-        headers.insert(header::LOCATION, location);
-    }
-    Ok((StatusCode::CREATED, headers, Json(dataset)))
+    result
 }
 
 async fn ingest_upload(

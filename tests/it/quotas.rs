@@ -45,6 +45,8 @@ async fn each_quota_refuses_past_its_value_and_lets_through_once_there_is_room()
     let response = app
         .upload_raw(zip_archive(&big), "application/zip", Some("big"))
         .await;
+    // Refused before its body was read: the client must not reuse the connection.
+    assert_eq!(response.headers()["connection"], "close");
     let problem = assert_problem(response, 413).await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(
