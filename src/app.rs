@@ -23,7 +23,9 @@ use crate::db::job_events::JobEvents;
 use crate::db::keys::{ensure_tenant, DEFAULT_TENANT};
 use crate::http::{router, AppState};
 use crate::jobs::worker::{spawn_workers, WorkerSettings};
-use crate::ml::device::{device_name, enable_kernel_autotuning, parse_device, parse_devices};
+use crate::ml::device::{
+    device_name, enable_kernel_autotuning, parse_device, parse_devices, set_cpu_mixed_precision,
+};
 use crate::ml::inference::{InferenceExecutor, InferenceSettings};
 use crate::storage::Storage;
 
@@ -215,6 +217,7 @@ impl Workers {
         let pool = connect_and_migrate(&config.database_url).await?;
         let devices = parse_devices(&config.devices).map_err(anyhow::Error::msg)?;
         enable_kernel_autotuning(&devices);
+        set_cpu_mixed_precision(config.cpu_bf16);
         let count = config.workers.unwrap_or(devices.len());
         let settings = WorkerSettings {
             lease: Duration::from_secs(config.lease_secs.max(1)),

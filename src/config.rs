@@ -60,6 +60,13 @@ pub struct WorkerConfig {
     /// for room, and an image that needs more than all of it is refused.
     #[arg(long, env = "PRETEXT_DECODE_MEMORY_BYTES", default_value_t = crate::data::decode::DEFAULT_DECODE_MEMORY_BYTES)]
     pub decode_memory_bytes: u64,
+
+    /// Train on the CPU with the forward passes in bfloat16 autocast
+    /// (weights and optimizer stay float32). Fastest on CPUs with AVX-512
+    /// BF16 or AMX; set false on CPUs without them, where LibTorch emulates
+    /// bfloat16 and runs slower than float32.
+    #[arg(long, env = "PRETEXT_CPU_BF16", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub cpu_bf16: bool,
 }
 
 /// Configuration of `pretext serve`.

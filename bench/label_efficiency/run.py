@@ -1120,6 +1120,16 @@ def markdown(args, record, runs, plan, png):
         f"same k on the same subsets. Every accuracy is measured on the same "
         f"{data['test_images']} test images.",
         "",
+    ]
+    if args.validation:
+        lines += [
+            f"**Validation run.** Here the \"test images\" are the last {args.validation} "
+            f"Fashion-MNIST train images, held out: the unlabelled pool and the labelled set "
+            f"are drawn from the train images before them, so no setting chosen on these "
+            f"numbers has seen the real test images, which this run does not read.",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "Each target is met or missed; one that could not be measured counts as missed. The "
@@ -1478,6 +1488,11 @@ def parse_args():
                          "set")
     ap.add_argument("--test-limit", type=int, default=None,
                     help="use only the first N test images (default all 10000)")
+    ap.add_argument("--validation", type=int, default=None, metavar="N",
+                    help="a validation run, for choosing settings: the last N train images "
+                         "take the test images' place (they are never pretrained on nor "
+                         "labelled for training), the labelled set and its budgets are drawn "
+                         "from the train images before them, and the test images are not read")
     ap.add_argument("--deadline-seconds", type=float, default=None,
                     help="start no new task after this many seconds of wall time")
     ap.add_argument("--job-timeout", type=float, default=None,
@@ -1557,6 +1572,16 @@ def parse_args():
         ap.error("--labelled-limit must be between 1 and 60000")
     if args.test_limit is not None and not 1 <= args.test_limit <= 10000:
         ap.error("--test-limit must be between 1 and 10000")
+    if args.validation is not None:
+        if not 1 <= args.validation <= 30000:
+            ap.error("--validation must be between 1 and 30000")
+        if args.test_limit is not None:
+            ap.error("--validation replaces the test images; leave out --test-limit")
+        held_out = 60000 - args.validation
+        if args.unlabelled > held_out:
+            ap.error(f"--unlabelled must be at most {held_out} with --validation "
+                     f"{args.validation}: the pool may not hold validation images")
+        args.labelled_limit = min(args.labelled_limit, held_out)
     return args
 
 
@@ -1589,8 +1614,12 @@ def load_data(args):
     t = time.time()
     train_images, rows, cols = read_idx_images(os.path.join(DATASET_DIR, FILES["train_images"]))
     train_labels = read_idx_labels(os.path.join(DATASET_DIR, FILES["train_labels"]))
-    test_images, _, _ = read_idx_images(os.path.join(DATASET_DIR, FILES["test_images"]))
-    test_labels = read_idx_labels(os.path.join(DATASET_DIR, FILES["test_labels"]))
+    if args.validation:
+        test_images = train_images[len(train_images) - args.validation:]
+        test_labels = train_labels[len(train_labels) - args.validation:]
+    else:
+        test_images, _, _ = read_idx_images(os.path.join(DATASET_DIR, FILES["test_images"]))
+        test_labels = read_idx_labels(os.path.join(DATASET_DIR, FILES["test_labels"]))
     if args.test_limit:
         test_images, test_labels = test_images[:args.test_limit], test_labels[:args.test_limit]
     n_train = max(args.unlabelled, args.labelled_limit)
@@ -1693,6 +1722,7 @@ def main():
         "nproc": nproc(),
         "server": {"url": args.url, "workers": ready.get("workers")},
         "device_note": args.device_note,
+        "validation_images": args.validation,
         "deadline_seconds": args.deadline_seconds,
         "job_timeout_seconds": args.job_timeout,
         "seed": args.seed,

@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::jobs::config::{DefaultsFrom, PretrainConfigRequest};
 use crate::ml::ceiling::measure_step_ceiling;
-use crate::ml::device::parse_device;
+use crate::ml::device::{parse_device, set_cpu_mixed_precision};
 use crate::validation::parse_config_object;
 
 /// Options of `pretext ceiling`.
@@ -31,12 +31,16 @@ pub struct CeilingArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     steps: i64,
+    /// bfloat16 autocast on the CPU, as the worker setting of that name.
+    #[arg(long, env = "PRETEXT_CPU_BF16", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    cpu_bf16: bool,
 }
 
 /// Measures and prints; returns the process exit code.
 pub fn run(args: CeilingArgs) -> i32 {
     let result = (|| -> anyhow::Result<String> {
         let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+        set_cpu_mixed_precision(args.cpu_bf16);
         let value: serde_json::Value = serde_json::from_str(&args.config)?;
         let request = parse_config_object::<PretrainConfigRequest>(value)
             .map_err(|errors| anyhow::anyhow!("{errors:?}"))?;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::device::channels_last_weights;
+use super::device::{channels_last_weights, cpu_mixed_precision};
 use super::optimizer::AdamW;
 use super::pretext::{ImageBatch, PretextTask, HEAD_PATH};
 use super::training::seed_step;
@@ -28,6 +28,8 @@ pub struct StepCeiling {
     /// Images of the dataset a second (a SimCLR step counts its batch, not its views).
     pub images_per_second: f64,
     pub threads: i32,
+    /// Whether the forward pass ran in bfloat16 autocast.
+    pub bfloat16_autocast: bool,
 }
 
 /// Times `steps` optimizer steps (after `warmup` untimed ones) of `config`'s
@@ -92,5 +94,6 @@ pub fn measure_step_ceiling(
         step_ms: seconds * 1e3 / steps.max(1) as f64,
         images_per_second: (steps as usize * batch_size) as f64 / seconds,
         threads: tch::get_num_threads(),
+        bfloat16_autocast: device.is_cuda() || cpu_mixed_precision(),
     })
 }

@@ -1,8 +1,11 @@
 //! Which devices the service trains and infers on, and how training work is
 //! laid out on them: channels-last inputs and weights everywhere (oneDNN and
-//! cuDNN both run these networks faster in NHWC); on a GPU also bfloat16
-//! mixed precision, cuDNN's kernel autotuning and asynchronous copies from
-//! pinned host memory.
+//! cuDNN both run these networks faster in NHWC); bfloat16 mixed precision
+//! for training's forward passes (on a GPU always, on the CPU unless the
+//! worker turns it off); on a GPU also cuDNN's kernel autotuning and
+//! asynchronous copies from pinned host memory.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{nn::VarStore, Device, Tensor};
 
@@ -43,6 +46,8 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
+/// `c10::DeviceType::CPU`.
+const DEVICE_TYPE_CPU: i8 = 0;
 /// `c10::DeviceType::CUDA`.
 const DEVICE_TYPE_CUDA: i8 = 1;
 /// `c10::ScalarType::BFloat16`.
@@ -54,18 +59,93 @@ extern "C" {
     /// which would need loss scaling; bfloat16 does not.
     #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
     fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+    /// `at::autocast::is_autocast_enabled(c10::DeviceType)`.
+    #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+    fn at_autocast_is_autocast_enabled(device_type: i8) -> bool;
+    /// `at::autocast::set_autocast_enabled(c10::DeviceType, bool)`: tch
+    /// only reaches CUDA's switch.
+    #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+    fn at_autocast_set_autocast_enabled(device_type: i8, enabled: bool);
+    /// `at::autocast::increment_nesting()`.
+    #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+    fn at_autocast_increment_nesting() -> i32;
+    /// `at::autocast::decrement_nesting()`.
+    #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+    fn at_autocast_decrement_nesting() -> i32;
+    /// `at::autocast::clear_cache()`: drops the bfloat16 copies of the
+    /// weights cast during the outermost autocast region.
+    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+    fn at_autocast_clear_cache();
 }
 
-/// Runs `f` (a forward pass) in bfloat16 autocast on a GPU; on the CPU, in
-/// float32 as written.
+/// Whether training on the CPU runs its forward passes in bfloat16 autocast.
+static CPU_MIXED_PRECISION: AtomicBool = AtomicBool::new(true);
+
+/// Turns bfloat16 autocast of training's forward passes on the CPU on or
+/// off for the whole process (a worker setting, like LibTorch's threads).
+pub fn set_cpu_mixed_precision(enabled: bool) {
+    CPU_MIXED_PRECISION.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether training's forward passes on the CPU run in bfloat16 autocast.
+pub fn cpu_mixed_precision() -> bool {
+    CPU_MIXED_PRECISION.load(Ordering::Relaxed)
+}
+
+/// Runs `f` (a training forward pass) in bfloat16 autocast: always on a GPU,
+/// on the CPU when [`cpu_mixed_precision`] says so (oneDNN runs bfloat16
+/// convolutions on AVX-512 BF16 and AMX; elsewhere LibTorch emulates them).
+/// Weights, gradients and the optimizer stay float32.
 pub fn mixed_precision<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if !device.is_cuda() {
+    autocast_when(device, cpu_mixed_precision(), f)
+}
+
+/// [`mixed_precision`] with the CPU's setting given.
+fn autocast_when<T>(device: Device, on_cpu: bool, f: impl FnOnce() -> T) -> T {
+    if device.is_cuda() {
+        // SAFETY: a plain setter of a thread-local autocast setting, called with
+        // valid enum values of both types (each an `int8_t` enum).
+        unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) };
+        return tch::autocast(true, f);
+    }
+    if !on_cpu {
         return f();
     }
-    // SAFETY: a plain setter of a thread-local autocast setting, called with
-    // valid enum values of both types (each an `int8_t` enum).
-    unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) };
-    tch::autocast(true, f)
+    let _region = CpuAutocastRegion::enter();
+    f()
+}
+
+/// The CPU's bfloat16 autocast switched on for as long as the value lives,
+/// then back to what it was (also when the forward pass panics).
+struct CpuAutocastRegion {
+    was_enabled: bool,
+}
+
+impl CpuAutocastRegion {
+    fn enter() -> Self {
+        // SAFETY: thread-local autocast state of LibTorch, set through its
+        // own functions with valid `int8_t` enum values.
+        unsafe {
+            let was_enabled = at_autocast_is_autocast_enabled(DEVICE_TYPE_CPU);
+            at_autocast_set_autocast_dtype(DEVICE_TYPE_CPU, SCALAR_TYPE_BFLOAT16);
+            at_autocast_set_autocast_enabled(DEVICE_TYPE_CPU, true);
+            at_autocast_increment_nesting();
+            Self { was_enabled }
+        }
+    }
+}
+
+impl Drop for CpuAutocastRegion {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`; clearing the cache only frees the cast
+        // copies once the outermost region ends.
+        unsafe {
+            if at_autocast_decrement_nesting() == 0 {
+                at_autocast_clear_cache();
+            }
+            at_autocast_set_autocast_enabled(DEVICE_TYPE_CPU, self.was_enabled);
+        }
+    }
 }
 
 /// The same NCHW tensor stored channels-last (NHWC); any other tensor as it
@@ -117,6 +197,32 @@ pub fn to_device_async(xs: &Tensor, device: Device) -> Tensor {
 mod tests {
     use super::*;
     use tch::nn::{self, Module, OptimizerConfig};
+
+    #[test]
+    fn cpu_autocast_runs_the_forward_pass_in_bfloat16_and_restores_float32_after() {
+        let vs = VarStore::new(Device::Cpu);
+        let conv = nn::conv2d(vs.root() / "conv", 1, 4, 3, Default::default());
+        let xs = Tensor::randn([2, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
+
+        let inside = autocast_when(Device::Cpu, true, || conv.forward(&xs));
+        assert_eq!(inside.kind(), tch::Kind::BFloat16);
+        let nested = autocast_when(Device::Cpu, true, || {
+            autocast_when(Device::Cpu, true, || conv.forward(&xs)).kind()
+        });
+        assert_eq!(nested, tch::Kind::BFloat16);
+        assert_eq!(
+            conv.forward(&xs).kind(),
+            tch::Kind::Float,
+            "autocast left on"
+        );
+        assert_eq!(conv.ws.kind(), tch::Kind::Float, "weights stay float32");
+
+        let off = autocast_when(Device::Cpu, false, || conv.forward(&xs));
+        assert_eq!(off.kind(), tch::Kind::Float);
+        // The same function in bfloat16: close to float32, not equal to it.
+        let difference = (inside.to_kind(tch::Kind::Float) - &off).abs().max();
+        assert!(f64::try_from(difference).unwrap() < 0.1);
+    }
 
     #[test]
     fn channels_last_weights_keep_their_values_train_and_save_in_the_standard_layout() {

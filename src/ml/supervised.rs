@@ -7,9 +7,10 @@
 
 use std::ops::ControlFlow;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::classifier::{Classifier, HEAD_GROUP, TRUNK_GROUP};
+use super::device::{channels_last, mixed_precision};
 use super::optimizer::AdamW;
 use super::training::{cosine_learning_rate, seed_step, InputSpec, RunningMeans, StopReason};
 use crate::data::augment::augment;
@@ -124,7 +125,8 @@ pub fn train_classifier(
             batch = augment(&batch, &mut step_rng(settings.seed, step));
         }
         seed_step(settings.seed, step);
-        let logits = classifier.logits(&batch, true);
+        let logits = mixed_precision(device, || classifier.logits(&channels_last(&batch), true))
+            .to_kind(Kind::Float);
         let loss = logits.cross_entropy_for_logits(&labels);
         let learning_rate = cosine_learning_rate(settings.learning_rate, step, plan.total_steps);
         optimizer.set_lr_group(HEAD_GROUP, learning_rate);

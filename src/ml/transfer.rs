@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use super::backbone::{features, Backbone};
 use super::checkpoint::{load_vars, save_model_weights_with};
 use super::classifier::{is_trunk_variable, Classifier, NeighbourVote, Transfer};
+use super::device::channels_last_weights;
 use super::optimizer::AdamW;
 use super::supervised::{train_classifier, LabelledImages, SupervisedSettings};
 use super::training::{InputSpec, StopReason};
@@ -205,6 +206,7 @@ impl TransferModel {
         if let Some(weights) = setup.encoder_weights {
             load_vars(&vs, weights, is_trunk_variable).context("Failed to load the encoder")?;
         }
+        channels_last_weights(&vs);
         let mut model = Self { vs, network };
         if let (Transfer::LinearProbe, TransferNetwork::Linear(classifier)) =
             (method, &mut model.network)
