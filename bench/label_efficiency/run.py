@@ -1282,7 +1282,7 @@ def markdown(args, record, runs, plan, png):
     devices = ", ".join(record["devices"]) or "none reported by the jobs"
     min_steps = record.get("min_steps")
     if min_steps is None:
-        min_steps = "the service's default (300)"
+        min_steps = "the service's default (the resolved configs below give it)"
     lines += [
         "## Run",
         "",
@@ -1479,7 +1479,7 @@ def parse_args():
                          f"pretrained_accuracy and gain (default {DEFAULT_TRANSFERS})")
     ap.add_argument("--min-steps", type=int, default=None,
                     help="fewest optimizer steps of each fine-tuning run of the "
-                         "label-efficiency jobs (config min_steps; default: the service's, 300)")
+                         "label-efficiency jobs (config min_steps; default: the service's, 1500)")
     ap.add_argument("--knn-k", type=int, default=20,
                     help="neighbours of the kNN jobs, of the kNN transfer and of the raw-pixel "
                          "kNN (default 20)")

@@ -79,7 +79,7 @@ async fn uploads_an_archive_then_pretrains_then_finetunes_then_classifies() {
             "kind": "finetune",
             "dataset_id": dataset_id,
             "base_model_id": encoder_id,
-            "config": {"transfer": "fine_tune", "epochs": 15, "batch_size": 16, "learning_rate": 0.003, "val_fraction": 0.2}
+            "config": {"transfer": "fine_tune", "epochs": 15, "min_steps": 300, "batch_size": 16, "learning_rate": 0.003, "val_fraction": 0.2}
         }))
         .await;
     assert_eq!(

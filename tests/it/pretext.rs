@@ -170,7 +170,7 @@ async fn encoders_are_evaluated_by_knn_linear_probe_and_label_efficiency() {
     let job = app
         .create_job(json!({"kind": "evaluate", "dataset_id": dataset_id, "base_model_id": encoder_id,
             "config": {"protocol": "label_efficiency", "labels_per_class": [1, 5], "label_fractions": [1.0],
-                       "epochs": 3, "batch_size": 8}}))
+                       "epochs": 3, "min_steps": 300, "batch_size": 8}}))
         .await;
     let job = app.run_until_succeeded(job["id"].as_str().unwrap()).await;
     let report = app
