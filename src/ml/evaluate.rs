@@ -457,7 +457,10 @@ fn fit_and_test(
     settings: &EvaluateConfig,
     runs: &mut BudgetRuns,
 ) -> anyhow::Result<Option<TestedFit>> {
-    let supervised = settings.supervised_settings();
+    let supervised = match method {
+        Some(_) => settings.supervised_settings(),
+        None => settings.scratch_settings(),
+    };
     let setup = TransferSetup {
         device: ctx.device,
         backbone: source.backbone,
@@ -753,6 +756,16 @@ impl EvaluateConfig {
             max_steps: None,
         }
     }
+
+    /// The settings of a run from scratch: the same, but a random trunk has
+    /// nothing to keep, so it learns at the head's rate (slowing it would
+    /// handicap the baseline).
+    pub fn scratch_settings(&self) -> SupervisedSettings {
+        SupervisedSettings {
+            trunk_lr_scale: 1.0,
+            ..self.supervised_settings()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -769,6 +782,29 @@ mod tests {
         let points = centres.index_select(0, &labels)
             + Tensor::randn([3 * per_class, 3], (Kind::Float, Device::Cpu));
         (points, labels)
+    }
+
+    #[test]
+    fn scratch_runs_train_their_random_trunk_at_the_heads_rate() {
+        let config =
+            crate::validation::parse_config_object::<crate::jobs::config::EvaluateConfigRequest>(
+                serde_json::json!({"protocol": "label_efficiency", "trunk_lr_scale": 0.3}),
+            )
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let from_encoder = config.supervised_settings();
+        let scratch = config.scratch_settings();
+        assert_eq!(from_encoder.trunk_lr_scale, 0.3);
+        assert_eq!(scratch.trunk_lr_scale, 1.0);
+        assert_eq!(
+            SupervisedSettings {
+                trunk_lr_scale: 0.3,
+                ..scratch
+            },
+            from_encoder,
+            "everything else is shared"
+        );
     }
 
     #[test]
