@@ -62,9 +62,8 @@ pub struct WorkerConfig {
     pub decode_memory_bytes: u64,
 
     /// Train on the CPU with the forward passes in bfloat16 autocast
-    /// (weights and optimizer stay float32). Fastest on CPUs with AVX-512
-    /// BF16 or AMX; set false on CPUs without them, where LibTorch emulates
-    /// bfloat16 and runs slower than float32.
+    /// (weights and optimizer stay float32). Pays on CPUs with AVX-512 BF16
+    /// or AMX; elsewhere compare with `pretext ceiling --cpu-bf16 false`.
     #[arg(long, env = "PRETEXT_CPU_BF16", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub cpu_bf16: bool,
 }

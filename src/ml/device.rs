@@ -94,7 +94,7 @@ pub fn cpu_mixed_precision() -> bool {
 
 /// Runs `f` (a training forward pass) in bfloat16 autocast: always on a GPU,
 /// on the CPU when [`cpu_mixed_precision`] says so (oneDNN runs bfloat16
-/// convolutions on AVX-512 BF16 and AMX; elsewhere LibTorch emulates them).
+/// convolutions natively on AVX-512 BF16 and AMX).
 /// Weights, gradients and the optimizer stay float32.
 pub fn mixed_precision<T>(device: Device, f: impl FnOnce() -> T) -> T {
     autocast_when(device, cpu_mixed_precision(), f)
