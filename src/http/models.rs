@@ -201,7 +201,13 @@ pub(super) async fn infer(
     task: InferenceTask,
     request: Request,
 ) -> Result<(ModelDescription, InferenceOutput), ApiError> {
-    let arrival = state.inference.announce().map_err(inference_error)?;
+    let arrival = match state.inference.announce() {
+        Ok(arrival) => arrival,
+        Err(error) => {
+            discard_body(request, state.config.max_inference_bytes).await;
+            return Err(inference_error(error));
+        }
+    };
     let description = describe(state, model).await?;
     let images = prepare_images(state, &description.input, request).await?;
     let handle = ModelHandle::of(&description, state.storage.model_weights(model.id))?;
@@ -211,6 +217,22 @@ pub(super) async fn infer(
         .await
         .map_err(inference_error)?;
     Ok((description, output))
+}
+
+/// Reads a refused request's body to its end (at most `limit` bytes), one
+/// chunk at a time, keeping none of it: a server that answers before the
+/// body is read and closes the connection resets it under the client's
+/// unfinished write, and the client never sees the answer.
+async fn discard_body(request: Request, limit: usize) {
+    use futures_util::StreamExt;
+    let mut chunks = request.into_body().into_data_stream();
+    let mut read = 0;
+    while let Some(Ok(chunk)) = chunks.next().await {
+        read += chunk.len();
+        if read > limit {
+            break;
+        }
+    }
 }
 
 fn inference_error(error: InferenceError) -> ApiError {
